@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up stroke-ray in ./.venv: idempotent, fast on a re-run.
+#
+# torch is installed first and on its own, so that pip never resolves the plain `torch`
+# requirement to a multi-GB CUDA build on a CPU machine:
+#   - a torch already in the venv (CPU or CUDA) is kept;
+#   - TORCH_SPEC overrides the choice (e.g. TORCH_SPEC="torch==2.13.0" or a CUDA index via
+#     PIP_INDEX_URL/PIP_EXTRA_INDEX_URL);
+#   - with an NVIDIA GPU (nvidia-smi present) the default PyPI build, which is CUDA-enabled;
+#   - otherwise torch==2.13.0, the CPU build where a local wheel is available.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    "${PIP[@]}" "$TORCH_SPEC"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "${PIP[@]}" torch
+  else
+    "${PIP[@]}" "torch==2.13.0"
+  fi
+fi
+# Re-install only when the project's metadata changed since the last set-up.
+stamp=.venv/.stroke-ray-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "${PIP[@]}" -e ".[test]"
+  touch "$stamp"
+fi
+.venv/bin/python -c "import stroke_ray, torch; print(f'stroke-ray {stroke_ray.__version__} ready (torch {torch.__version__}, CUDA {torch.cuda.is_available()})')"

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real ISLES'22 sample case, a local Ray, small synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEPT_CLOUD_STORAGE_CONFIG", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+ISLES_SAMPLE = (REPO.parent / "shared" / "data" / "isles22-sample").resolve()
+
+
+@pytest.fixture(scope="session")
+def isles_sample() -> Path:
+    """The real ISLES'22 case beside the repository (read-only)."""
+    if not (ISLES_SAMPLE / "rawdata").is_dir():
+        pytest.fail(f"{ISLES_SAMPLE}: the ISLES'22 sample case is missing (../shared beside the repo)")
+    return ISLES_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """Four synthetic ISLES'22-layout cases (deterministic)."""
+    from stroke_ray.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "isles_synth"
+    generate_dataset(root, num_cases=4, layout="isles22", seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_store(synth_dataset, tmp_path_factory, ray_local) -> str:
+    """The synthetic cases converted to a Zarr store with a 32^3 training level."""
+    from stroke_ray.ingest import convert_dataset
+
+    out = str(tmp_path_factory.mktemp("store") / "synth.zarr")
+    report = convert_dataset(str(synth_dataset), out, levels=[32], progress=False)
+    assert report.converted == 4, report.summary()
+    return out

@@ -1,0 +1,252 @@
+"""Subject split, patch samplers and the patch stream, on tiny real Zarr stores."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from stroke_ray.config import DataConfig
+from stroke_ray.integral import integral_volume
+from stroke_ray.sampling import (
+    ACCEPTED,
+    EMPTY_MASK,
+    FOREGROUND,
+    INFEASIBLE,
+    ForegroundSampler,
+    PatchDataset,
+    ThresholdSampler,
+    UniformSampler,
+    cut_patch,
+    make_loader,
+    split_manifest,
+    split_subjects,
+)
+from stroke_ray.store import LevelArrays, StrokeStore
+
+
+def brute_force_accepted(mask: np.ndarray, n: int, threshold: float, reference: str) -> set:
+    """The rejection test of every corner, written out literally (zero padding outside)."""
+    total = mask.sum()
+    origin = [min(0, s - n) for s in mask.shape]
+    stop = [max(0, s - n) for s in mask.shape]
+    kept = set()
+    for corner in itertools.product(*(range(o, e + 1) for o, e in zip(origin, stop))):
+        count = cut_patch(mask, corner, (n, n, n)).sum()
+        denominator = total if reference == "subject" else n**3
+        if count / denominator > threshold:
+            kept.add(corner)
+    return kept
+
+
+def corner_set(pos) -> set:
+    return {tuple(int(v) for v in c) for c in pos.all_corners()}
+
+
+@pytest.mark.parametrize("reference", ["subject", "cube"])
+def test_threshold_accepted_set_equals_brute_force(reference):
+    rng = np.random.default_rng(3)
+    mask = np.zeros((13, 11, 9), np.uint8)
+    mask[3:9, 2:8, 1:6] = rng.random((6, 6, 5)) < 0.6
+    mask[10:12, 8:10, 6:8] = 1  # a second, small lesion
+    table = integral_volume(mask)
+    thresholds = [0.0, 0.1, 0.3, 0.5, 0.7] if reference == "subject" else [0.0, 0.05, 0.2, 0.4]
+    nonempty = 0
+    for n in (4, 6):
+        for t in thresholds:
+            pos = ThresholdSampler(t, reference=reference).positions(table, n)
+            expected = brute_force_accepted(mask, n, t, reference)
+            if expected:
+                nonempty += 1
+                assert pos.reason == ACCEPTED
+                assert corner_set(pos) == expected, (n, t)
+            else:
+                assert pos.reason == INFEASIBLE
+    assert nonempty >= 6  # the comparison is not vacuous
+
+
+def test_threshold_with_patch_larger_than_volume_pads():
+    mask = np.zeros((5, 12, 4), np.uint8)
+    mask[1:4, 6:9, 1:3] = 1
+    pos = ThresholdSampler(0.5).positions(integral_volume(mask), 6)
+    assert corner_set(pos) == brute_force_accepted(mask, 6, 0.5, "subject")
+    assert min(c[0] for c in corner_set(pos)) < 0  # padded axes give negative corners
+
+
+def test_draws_are_uniform_over_accepted_set():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[3:7, 3:7, 3:7] = 1
+    pos = ThresholdSampler(0.3).positions(integral_volume(mask), 5)
+    accepted = corner_set(pos)
+    assert 5 < len(accepted) < 6**3
+    draws = 200 * len(accepted)
+    counts: dict = {}
+    for _ in range(draws):
+        c = pos.sample(rng)
+        counts[c] = counts.get(c, 0) + 1
+    assert set(counts) == accepted  # every accepted corner drawn, nothing rejected drawn
+    observed = np.array([counts[c] for c in sorted(accepted)], float)
+    expected = draws / len(accepted)
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    dof = len(accepted) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof)  # far beyond the 99.9th percentile otherwise
+
+
+def test_empty_mask_falls_back_to_uniform():
+    table = integral_volume(np.zeros((8, 8, 8), np.uint8))
+    for sampler in (ThresholdSampler(0.4), ThresholdSampler(0.4, "cube"), ForegroundSampler(1.0)):
+        pos = sampler.positions(table, 4)
+        assert pos.reason == EMPTY_MASK
+        assert pos.size == 5**3
+        assert corner_set(pos) == set(itertools.product(range(5), repeat=3))
+
+
+def test_lesion_larger_than_cube_is_infeasible_and_uses_max_count_corners():
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:18, 2:18, 2:18] = 1  # 16^3 lesion; an 8^3 cube holds at most 1/8 of it
+    pos = ThresholdSampler(0.4).positions(integral_volume(mask), 8)
+    assert pos.reason == INFEASIBLE
+    corners = corner_set(pos)
+    full = set(itertools.product(range(2, 11), repeat=3))  # cubes fully inside the lesion
+    assert corners == full
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        assert pos.sample(rng) in full
+
+
+def test_uniform_and_foreground_samplers():
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[7, 8, 2] = 1
+    table = integral_volume(mask)
+    rng = np.random.default_rng(0)
+    uni = UniformSampler().positions(table, 4)
+    draws = np.array([uni.sample(rng) for _ in range(3000)])
+    assert draws.min() == 0 and draws.max() == 6
+    fg = ForegroundSampler(1.0).positions(table, 4)
+    assert fg.reason == FOREGROUND
+    for _ in range(300):
+        c = np.array(fg.sample(rng))
+        assert np.all(c >= 0) and np.all(c <= 6)
+        assert np.all(c <= [7, 8, 2]) and np.all(c + 4 > [7, 8, 2])  # lesion voxel inside
+    half = ForegroundSampler(0.5).positions(table, 4)
+    hits = sum(cut_patch(mask, half.sample(rng), (4, 4, 4)).any() for _ in range(2000))
+    # 50 % lesion-centred plus the uniform draws that happen to hit it (~ 4^3/7^3 * ...).
+    assert 0.45 * 2000 < hits < 0.65 * 2000
+
+
+def test_split_is_deterministic_disjoint_and_stable():
+    subjects = [f"sub-{i:03d}" for i in range(20)]
+    train, val = split_subjects(subjects, 0.2, seed=0)
+    assert (train, val) == split_subjects(list(reversed(subjects)), 0.2, seed=0)
+    assert not set(train) & set(val) and sorted(train + val) == subjects
+    assert len(val) == 4
+    assert split_subjects(subjects, 0.2, seed=1) != (train, val)
+    # Adding a subject keeps everyone else where they were unless the val count grows.
+    train2, val2 = split_subjects(subjects + ["sub-999"], 0.2, seed=0)
+    assert set(val2) <= set(val) | {"sub-999"} and len(set(val) & set(val2)) >= len(val) - 1
+    assert split_subjects(["a", "b"], 0.01)[1] and split_subjects(["a", "b"], 0.99)[0]
+    assert split_subjects(["a"], 0.2) == (["a"], [])
+    manifest = split_manifest(train, val, seed=0)
+    assert manifest["val"] == val and manifest["num_train"] == 16 and len(manifest["sha256"]) == 64
+
+
+# --- the patch stream on a real store --------------------------------------------------------
+N_SUBJECTS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> str:
+    """Three 2-channel subjects at a 16^3 level (one with an empty mask) plus a native level."""
+    url = str(tmp_path_factory.mktemp("sampling") / "tiny.zarr")
+    store = StrokeStore.create(url, ["dwi", "adc"], levels=["native", "16"])
+    rng = np.random.default_rng(0)
+    for i in range(N_SUBJECTS):
+        image = rng.normal(100 + 10 * i, 5, (2, 16, 16, 16)).astype(np.float32)
+        image[1] *= 3
+        mask = np.zeros((16, 16, 16), np.uint8)
+        if i < 2:
+            mask[4 + i : 9 + i, 5:10, 6:11] = 1
+        native = LevelArrays(image[:, :, :, :10], mask[:, :, :10], np.diag([2.0, 2, 3, 1]))
+        cube = LevelArrays(image, mask, np.eye(4) * 1.5 + np.diag([0, 0, 0, -0.5]))
+        mean = image.reshape(2, -1).mean(1)
+        std = image.reshape(2, -1).std(1)
+        store.write_subject(
+            f"sub-{i}", {"native": native, "16": cube}, {"norm": {"mean": mean, "std": std}}
+        )
+    return url
+
+
+def take(iterable, n):
+    return list(itertools.islice(iter(iterable), n))
+
+
+def test_patches_shape_channels_normalisation(tiny_store):
+    subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
+    ds = PatchDataset(tiny_store, subjects, "16", 8, sampler="threshold", threshold=0.3,
+                      samples_per_volume=4, seed=0)
+    items = take(ds, 4 * N_SUBJECTS * 3)
+    store = StrokeStore.open(tiny_store)
+    for item in items:
+        assert item["image"].shape == (2, 8, 8, 8) and item["image"].dtype == torch.float32
+        assert item["mask"].shape == (1, 8, 8, 8) and item["mask"].dtype == torch.float32
+    # normalised with the subject's stored stats: the whole-volume normalised mean is ~0.
+    pooled = torch.cat([i["image"].reshape(2, -1) for i in items], 1)
+    assert pooled.mean(1).abs().max() < 0.3 and (pooled.std(1) - 1).abs().max() < 0.3
+    # a patch equals the stored volume normalised and cut at some corner
+    item = items[0]
+    image = store.normalise(item["subject"], store.image(item["subject"], "16")[...])
+    found = any(
+        np.allclose(cut_patch(image, c, (8, 8, 8)), item["image"].numpy())
+        for c in itertools.product(range(9), repeat=3)
+    )
+    assert found
+    # lesion subjects give lesion-rich patches (> 30 % of the lesion), empty one: fallback
+    for item in items:
+        if item["subject"] != "sub-2":
+            assert item["mask"].sum() > 0.3 * 125
+    stats = ds.stats()
+    assert stats["subjects"] == {ACCEPTED: 2, EMPTY_MASK: 1}
+    assert stats["draws"][EMPTY_MASK] == 12 and stats["draws"][ACCEPTED] == 24
+
+
+def test_patch_larger_than_native_level_is_padded(tiny_store):
+    ds = PatchDataset(tiny_store, ["sub-0"], "native", 12, sampler="uniform", normalise=False)
+    for item in take(ds, 10):
+        assert item["image"].shape == (2, 12, 12, 12)
+        # z is 10 voxels long: at least 2 planes of zero padding along z
+        assert (item["image"][..., :].abs().sum(dim=(0, 1, 2)) == 0).sum() >= 2
+    # the direct (uncached) Zarr read path cuts the same patches
+    direct = PatchDataset(tiny_store, ["sub-0"], "native", 12, sampler="uniform",
+                          normalise=False, cache_bytes=0)
+    for a, b in zip(take(ds, 5), take(direct, 5)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def _stream_keys(loader, n):
+    return [(s, float(img.sum())) for batch in take(loader, n)
+            for s, img in zip(batch["subject"], batch["image"])]
+
+
+def test_workers_and_ranks_get_distinct_reproducible_streams(tiny_store):
+    subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
+    cfg = DataConfig(store=tiny_store, level="16", patch_size=8, sampler="uniform",
+                     samples_per_volume=1, num_workers=2)
+    loader = make_loader(cfg, subjects, batch_size=1, seed=7)
+    first = _stream_keys(loader, 8)
+    again = _stream_keys(make_loader(cfg, subjects, batch_size=1, seed=7), 8)
+    assert first == again  # same seed: same stream
+    # DataLoader alternates workers batch by batch: worker 0 = even, worker 1 = odd
+    assert first[0::2] != first[1::2]
+    other_seed = _stream_keys(make_loader(cfg, subjects, batch_size=1, seed=8), 8)
+    assert other_seed != first
+    single = cfg.model_copy(update={"num_workers": 0})
+    rank0 = _stream_keys(make_loader(single, subjects, 1, seed=7, rank=0, world_size=2), 6)
+    rank1 = _stream_keys(make_loader(single, subjects, 1, seed=7, rank=1, world_size=2), 6)
+    assert rank0 != rank1
+    assert rank0 == _stream_keys(make_loader(single, subjects, 1, seed=7, rank=0, world_size=2), 6)
+    # worker 0 of a 2-worker loader draws what rank 0's single-process stream draws
+    assert first[0::2] == rank0[:4]

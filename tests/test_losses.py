@@ -1,0 +1,142 @@
+"""Our losses against MONAI's reference implementations, edge cases and the binary-head CE bug."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss, GeneralizedDiceLoss
+
+from stroke_ray.losses import LOSS_NAMES, SMOOTH_DR, SMOOTH_NR, build_loss, generalized_dice_score
+
+SHAPE = (2, 6, 5, 4)  # tiny, odd spatial sizes
+SMOOTH = dict(smooth_nr=SMOOTH_NR, smooth_dr=SMOOTH_DR)
+
+
+def _target(kind: str, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        t = torch.randint(0, max(k, 2), (SHAPE[0], 1, *SHAPE[1:]), generator=g)
+    elif kind == "empty":
+        t = torch.zeros(SHAPE[0], 1, *SHAPE[1:], dtype=torch.long)
+    elif kind == "full":  # every voxel is (the last) foreground class
+        t = torch.full((SHAPE[0], 1, *SHAPE[1:]), max(k, 2) - 1, dtype=torch.long)
+    else:
+        raise AssertionError(kind)
+    return t.float() if k == 1 else t
+
+
+def _logits(k: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (2 * torch.randn(SHAPE[0], k, *SHAPE[1:], generator=g)).requires_grad_()
+
+
+def _monai_gdl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI GDL on the same class probabilities: two channels (1-p, p) for a binary head."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return GeneralizedDiceLoss(batch=True, **SMOOTH)(torch.cat([1 - p, p], 1), torch.cat([1 - target, target], 1))
+    return GeneralizedDiceLoss(softmax=True, to_onehot_y=True, batch=True, **SMOOTH)(logits, target)
+
+
+def _monai_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] == 1:
+        return DiceLoss(sigmoid=True, batch=True, **SMOOTH)(logits, target)
+    return DiceLoss(softmax=True, to_onehot_y=True, include_background=False, batch=True, **SMOOTH)(logits, target)
+
+
+def _monai_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, target[:, 0])
+
+
+def _monai_reference(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    k = logits.shape[1]
+    if name in ("dice_bce", "dice_ce"):
+        if k == 1:
+            return DiceCELoss(sigmoid=True, batch=True, **SMOOTH)(logits, target)
+        return DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=True, **SMOOTH)(
+            logits, target
+        )
+    if name == "dice":
+        return _monai_dice(logits, target)
+    if name == "gdl":
+        return _monai_gdl(logits, target)
+    if name in ("ce", "bce"):
+        return _monai_ce(logits, target)
+    if name == "gdl_ce":
+        return _monai_gdl(logits, target) + _monai_ce(logits, target)
+    if name == "gdl_ce_log":
+        return -torch.log(1 - _monai_gdl(logits, target)) + _monai_ce(logits, target)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("kind", ["random", "empty", "full"])
+def test_matches_monai_and_gradients_are_finite(name, k, kind):
+    logits, target = _logits(k), _target(kind, k)
+    ours = build_loss(name, out_channels=k)(logits, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about absent classes in the edge cases
+        ref = _monai_reference(name, logits, target)
+    assert ours.shape == ()
+    torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-5, atol=1e-5)
+    ours.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_binary_gdl_ce_is_not_constant_and_equals_gdl_plus_bce():
+    """The seed used CrossEntropyLoss on one channel, which is identically zero."""
+    target = _target("random", 1)
+    loss = build_loss("gdl_ce", out_channels=1)
+    gdl, bce = build_loss("gdl"), build_loss("bce")
+    values = []
+    for seed in range(3):
+        logits = _logits(1, seed)
+        value = loss(logits, target)
+        torch.testing.assert_close(value, gdl(logits, target) + bce(logits, target))
+        assert bce(logits, target) > 0.1
+        values.append(value.item())
+    assert max(values) - min(values) > 1e-3
+    # The bug itself: softmax over one channel is 1 everywhere, so CE with a (B, 1, ...) target is 0.
+    assert torch.nn.CrossEntropyLoss()(_logits(1), target) == 0
+    # Confident correct logits give a loss near zero; confident wrong ones a large loss.
+    good = (target * 2 - 1) * 20
+    assert loss(good, target) < 1e-3 < 10 < loss(-good, target)
+
+
+def test_binary_gdl_uses_both_classes():
+    """With only the foreground channel, GDL of an empty target would ignore the prediction."""
+    target = _target("empty", 1)
+    low, high = torch.full((SHAPE[0], 1, *SHAPE[1:]), -5.0), torch.full((SHAPE[0], 1, *SHAPE[1:]), 5.0)
+    assert generalized_dice_score(low, target) > 0.99
+    assert generalized_dice_score(high, target) < 0.01
+
+
+def test_log_form_is_minus_log_gds():
+    logits, target = _logits(1), _target("random", 1)
+    gds = generalized_dice_score(logits, target)
+    expected = -torch.log(gds) + build_loss("ce")(logits, target)
+    torch.testing.assert_close(build_loss("gdl_ce_log")(logits, target), expected)
+    assert 0 < gds < 1
+
+
+def test_bf16_logits_and_unbatched_channel_target():
+    logits = _logits(1).detach().bfloat16()
+    target = _target("random", 1)
+    a = build_loss("dice_bce")(logits, target)
+    b = build_loss("dice_bce")(logits, target[:, 0])  # (B, X, Y, Z) is accepted too
+    assert a.dtype == torch.float32 and torch.isfinite(a)
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_names_and_shapes():
+    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+        build_loss("focal")
+    with pytest.raises(ValueError, match="does not match"):
+        build_loss("dice")(_logits(1), torch.zeros(2, 1, 3, 3, 3))

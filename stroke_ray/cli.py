@@ -75,8 +75,14 @@ def convert(
     normalization: str = typer.Option("zscore", help="zscore (within brain) or none."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
+    parallel: bool = typer.Option(
+        True, "--parallel/--in-process", help="One Ray task per subject, or convert in this process."
+    ),
 ) -> None:
-    """Convert a NIfTI dataset into a Zarr store (resumable, parallel on Ray)."""
+    """Convert a NIfTI dataset into a Zarr store (resumable, parallel on Ray).
+
+    Exits 1 when any subject failed (after converting all the others), 2 on a bad request.
+    """
     from stroke_ray.ingest import convert_dataset
 
     report = convert_dataset(
@@ -84,15 +90,89 @@ def convert(
         output,
         modalities=modalities.split(",") if modalities else None,
         layout=layout,
-        levels=[int(x) for x in levels.split(",") if x],
+        levels=[x.strip() for x in levels.split(",") if x.strip()],
         normalization=normalization,
         address=address,
         num_cpus=num_cpus,
         progress=True,
+        parallel=parallel,
     )
     typer.echo(report.summary())
-    if report.failed and not report.converted and not report.skipped:
+    if report.failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+@_user_errors
+def predict(
+    input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (ISLES'22 or ATLAS layout)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for masks and predictions.csv/json."),
+    model: str = typer.Option(
+        "models:/stroke-ray-segmenter@champion", "-m", "--model",
+        help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
+    ),
+    dwi: Optional[Path] = typer.Option(None, help="One case: its DWI file."),
+    adc: Optional[Path] = typer.Option(None, help="One case: its ADC file."),
+    flair: Optional[Path] = typer.Option(None, help="One case: its FLAIR file."),
+    t1w: Optional[Path] = typer.Option(None, help="One case: its T1w file (ATLAS models)."),
+    mask: Optional[Path] = typer.Option(None, help="One case: its ground-truth mask, for metrics."),
+    probability: bool = typer.Option(False, "--probability", help="Also write <subject>_prob.nii.gz."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability threshold of the mask."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if present)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+) -> None:
+    """Predict lesion masks for new cases, written in each case's own space."""
+    from stroke_ray.predict import predict_dataset
+
+    files = {k: v for k, v in {"dwi": dwi, "adc": adc, "flair": flair, "t1w": t1w}.items() if v is not None}
+    if (input is None) == (not files):
+        raise StrokeRayError("give either -i DATASET_DIR or the files of one case (--dwi/--adc/--flair or --t1w)")
+    report = predict_dataset(
+        files or input, model, output, tracking_uri=tracking_uri, save_probability=probability,
+        device=device, progress=True, mask=mask, threshold=threshold,
+    )
+    typer.echo(report.summary())
+    if report.failed and not report.predicted:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_user_errors
+def serve(
+    model: str = typer.Option(
+        "models:/stroke-ray-segmenter@champion", "-m", "--model",
+        help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    replicas: int = typer.Option(1, min=1, help="Fixed number of replicas."),
+    min_replicas: Optional[int] = typer.Option(None, min=0, help="Autoscaling: fewest replicas."),
+    max_replicas: Optional[int] = typer.Option(None, min=1, help="Autoscaling: most replicas."),
+    gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per replica (fractions share a GPU)."),
+    cpus_per_replica: float = typer.Option(1.0, min=0.0, help="CPUs per replica."),
+    max_upload_mb: int = typer.Option(512, min=1, help="Largest accepted request body, in MB."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+) -> None:
+    """Serve lesion segmentation over HTTP on Ray Serve (until Ctrl-C)."""
+    import time
+
+    from stroke_ray.serving import start_server, stop_server
+
+    url = start_server(
+        model, host=host, port=port, address=address, tracking_uri=tracking_uri,
+        num_replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+        max_upload_bytes=max_upload_mb * 1024**2,
+    )
+    typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz); Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo("stopping the service")
+    finally:
+        stop_server()
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

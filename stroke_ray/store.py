@@ -28,6 +28,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from stroke_ray.errors import StrokeRayError
+
 FORMAT_NAME = "stroke-ray"
 FORMAT_VERSION = 1
 NATIVE = "native"
@@ -35,6 +37,16 @@ NATIVE = "native"
 # Chosen by measurement of random 64^3 / 128^3 patch reads; see docs/data.md.
 CHUNK_EDGE = 64
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+class StoreError(StrokeRayError, ValueError):
+    """A store that cannot be used: not a stroke-ray store, too new, or other settings."""
+
+
+def local_or_url(url: str) -> str:
+    """`file://` URLs become plain paths (zarr's LocalStore); other URLs go to fsspec."""
+    url = str(url)
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 @dataclass
@@ -74,9 +86,9 @@ class StrokeStore:
         self.url = url
         attrs = dict(group.attrs)
         if attrs.get("format") != FORMAT_NAME:
-            raise ValueError(f"{url}: not a stroke-ray store (no 'format: {FORMAT_NAME}' attribute)")
+            raise StoreError(f"{url}: not a stroke-ray store (no 'format: {FORMAT_NAME}' attribute)")
         if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
-            raise ValueError(
+            raise StoreError(
                 f"{url}: store format version {attrs.get('format_version')} is newer than this "
                 f"stroke-ray understands ({FORMAT_VERSION}); upgrade stroke-ray"
             )
@@ -93,6 +105,7 @@ class StrokeStore:
         **extra: Any,
     ) -> "StrokeStore":
         """Create a new store, or open an existing one whose settings match."""
+        url = local_or_url(url)
         try:
             group = zarr.open_group(url, mode="r+", storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -106,7 +119,7 @@ class StrokeStore:
         if group is not None and group.attrs.get("format") == FORMAT_NAME:
             have = {k: group.attrs.get(k) for k in wanted}
             if have != wanted:
-                raise ValueError(
+                raise StoreError(
                     f"{url}: existing store was made with {have}, not {wanted}; "
                     "use another output path or delete the store"
                 )
@@ -121,6 +134,7 @@ class StrokeStore:
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "StrokeStore":
         """Open an existing store for reading (mode 'r') or updating (mode 'r+')."""
+        url = local_or_url(url)
         try:
             group = zarr.open_group(url, mode=mode, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:

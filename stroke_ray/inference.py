@@ -1,0 +1,167 @@
+"""Whole-volume prediction: sliding windows with Gaussian blending, and back to native space.
+
+The windowing, padding and blending are MONAI's `sliding_window_inference` (maintained,
+tested, GPU-aware, with nnU-Net's Gaussian importance map), so this module only adds what is
+ours: window sizes that respect the network's size multiple, per-window sigmoid/softmax so
+that probabilities (not logits) are blended, and the mapping between the reference grid and
+the training level grid (`grid.cube_affine` + `grid.resample`, the same path ingest uses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from stroke_ray.grid import cube_affine, resample
+
+if TYPE_CHECKING:
+    from stroke_ray.ingest import PreparedCase
+
+NATIVE = "native"
+
+
+def window_size(patch_size: int, multiple: int = 1) -> int:
+    """The window edge: `patch_size` rounded up to the network's size multiple."""
+    multiple = max(1, int(multiple))
+    return int(math.ceil(int(patch_size) / multiple) * multiple)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Probabilities(torch.nn.Module):
+    """Wraps a logits network so each window yields foreground probability (B, 1, ...)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x).float()
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits)
+        # Foreground = anything but class 0 (one or more lesion classes).
+        return 1.0 - torch.softmax(logits, dim=1)[:, :1]
+
+
+def sliding_window_predict(
+    model: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    patch_size: int,
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    multiple: int = 1,
+) -> np.ndarray:
+    """Foreground probability (X, Y, Z) float32 of a (C, X, Y, Z) image.
+
+    Windows of `patch_size` (rounded up to `multiple`) overlap by `overlap`; their
+    probabilities are blended with a Gaussian weight (sigma = 1/8 of the window, as nnU-Net).
+    Volumes smaller than a window are zero-padded and cropped back, so any size works.
+    """
+    device = torch.device(device)
+    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+    if x.ndim != 4:
+        raise ValueError(f"sliding_window_predict expects (C, X, Y, Z), got shape {tuple(x.shape)}")
+    x = x.to(device=device, dtype=torch.float32)[None]
+    roi = window_size(patch_size, multiple)
+    from monai.inferers import sliding_window_inference
+
+    predictor = _Probabilities(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _autocast(device, amp):
+            prob = sliding_window_inference(
+                x,
+                roi_size=(roi, roi, roi),
+                sw_batch_size=int(batch_size),
+                predictor=predictor,
+                overlap=float(overlap),
+                mode="gaussian",
+                padding_mode="constant",
+                cval=0.0,
+                sw_device=device,
+                device=device,
+            )
+    finally:
+        model.train(was_training)
+    return prob[0, 0].float().cpu().numpy().astype(np.float32, copy=False)
+
+
+@dataclass
+class Prediction:
+    """A case's prediction on its reference (native) grid."""
+
+    probability: np.ndarray  # (X, Y, Z) float32
+    mask: np.ndarray  # (X, Y, Z) uint8
+    affine: np.ndarray  # 4x4 of the reference grid
+
+
+def normalise_case(image: np.ndarray, attrs: dict[str, Any], normalization: str = "zscore") -> np.ndarray:
+    """Apply the training normalisation to a (C, ...) image with the case's own stats."""
+    image = np.asarray(image, dtype=np.float32)
+    if normalization == "none":
+        return image
+    if normalization != "zscore":
+        raise ValueError(f"unknown normalization {normalization!r} (zscore, none)")
+    norm = attrs.get("norm") if attrs else None
+    if not norm:
+        raise ValueError("case has no 'norm' statistics in its attrs; cannot z-score it")
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    mean = np.asarray(norm["mean"], np.float32).reshape(shape)
+    std = np.asarray(norm["std"], np.float32).reshape(shape)
+    return ((image - mean) / std).astype(np.float32, copy=False)
+
+
+def predict_case(
+    model: torch.nn.Module,
+    case: "PreparedCase",
+    level: str,
+    patch_size: int,
+    normalization: str = "zscore",
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    threshold: float = 0.5,
+    multiple: int = 1,
+    amp: bool = False,
+) -> Prediction:
+    """Predict one case at the training `level` and return it on the case's reference grid.
+
+    For a cube level the raw image goes onto the level grid exactly as ingest put the
+    training data there (linear, anti-aliased, zero outside the field of view), is then
+    normalised, predicted, and the probability is resampled linearly back to the reference
+    grid. The mask is probability >= threshold.
+    """
+    ref_shape = tuple(int(s) for s in case.image.shape[1:])
+    ref_affine = np.asarray(case.affine, dtype=np.float64)
+    level = str(level)
+    if level == NATIVE:
+        image = case.image
+    else:
+        n = int(level)
+        level_affine = cube_affine(ref_shape, ref_affine, n)
+        image = np.stack(
+            [resample(c, ref_affine, (n, n, n), level_affine, order=1, antialias=True) for c in case.image]
+        )
+    image = normalise_case(image, case.attrs, normalization)
+    prob = sliding_window_predict(
+        model, image, patch_size, overlap=overlap, batch_size=batch_size,
+        device=device, amp=amp, multiple=multiple,
+    )
+    if level != NATIVE:
+        prob = resample(prob, level_affine, ref_shape, ref_affine, order=1, antialias=True)
+        prob = np.clip(prob, 0.0, 1.0)
+    prob = prob.astype(np.float32, copy=False)
+    return Prediction(probability=prob, mask=(prob >= threshold).astype(np.uint8), affine=ref_affine.copy())

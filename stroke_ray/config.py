@@ -83,6 +83,10 @@ class TrainConfig(_Strict):
     val_overlap: float = Field(0.5, ge=0.0, lt=1.0)
     val_max_subjects: int | None = None
     storage_path: str = "runs"
+    cpus_per_worker: int = Field(1, ge=1)  # CPUs Ray reserves per training worker
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
+    checkpoints_to_keep: int = Field(2, ge=1)
+    overlay_every: int = Field(0, ge=0)  # log overlay images every k epochs; 0 = last epoch only
     tracking_uri: str | None = None  # None = sqlite:///<cwd>/mlflow.db
     experiment: str = "stroke-ray"
 

@@ -1,0 +1,168 @@
+"""Batch prediction on the real ISLES'22 case: masks in the case's own space, tables, bad cases."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stroke_ray.checkpoint import save_checkpoint
+from stroke_ray.config import DataConfig, ModelConfig, TrainConfig
+from stroke_ray.models import build_model
+from stroke_ray.predict import lesion_stats, predict_dataset
+
+MODALITIES = ["dwi", "adc", "flair"]
+SES = "ses-0001"
+
+
+def make_checkpoint(directory: Path, level: str = "32", patch: int = 32, bias: float | None = None) -> Path:
+    """A freshly built tiny U-Net saved as a checkpoint; `bias` pins the output logit."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=ModelConfig(widths=[4, 8, 16]), data=DataConfig(level=level, patch_size=patch),
+                      val_overlap=0.0)
+    model = build_model(cfg.model, in_channels=len(MODALITIES))
+    if bias is not None:
+        # Zero the last conv's weights so every voxel gets the same logit: a known mask.
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(bias)
+    return save_checkpoint(directory, model=model, epoch=0, config=cfg, modalities=MODALITIES, normalization="zscore")
+
+
+def case_files(root: Path, subject: str = "sub-strokecase0009") -> dict[str, Path]:
+    folder = root / "rawdata" / subject / SES
+    return {m: folder / f"{subject}_{SES}_{m}.nii.gz" for m in MODALITIES}
+
+
+def mask_file(root: Path, subject: str = "sub-strokecase0009") -> Path:
+    return root / "derivatives" / subject / SES / f"{subject}_{SES}_msk.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(isles_sample, tmp_path_factory) -> Path:
+    """The real case plus a copy whose DWI is a truncated .nii.gz."""
+    root = tmp_path_factory.mktemp("mixed")
+    good, bad = "sub-strokecase0009", "sub-strokecase0100"
+    for part in ("rawdata", "derivatives"):
+        shutil.copytree(isles_sample / part / good, root / part / good)
+    for modality, src in case_files(isles_sample).items():
+        dst = case_files(root, bad)[modality]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        data = src.read_bytes()
+        dst.write_bytes(data[: len(data) // 3] if modality == "dwi" else data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_dataset, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred") / "out"
+    return predict_dataset(mixed_dataset, str(checkpoint), out, progress=False), out
+
+
+def test_mask_is_written_on_the_reference_grid(mixed_run, isles_sample):
+    report, out = mixed_run
+    dwi = nib.load(case_files(isles_sample)["dwi"])
+    mask = nib.load(out / "sub-strokecase0009_mask.nii.gz")
+    assert mask.shape == (112, 112, 73) == dwi.shape
+    assert np.allclose(mask.affine, dwi.affine)
+    assert mask.get_data_dtype() == np.uint8
+    assert mask.header.get_qform(coded=True)[1] == dwi.header.get_qform(coded=True)[1]
+    assert mask.header.get_sform(coded=True)[1] == dwi.header.get_sform(coded=True)[1]
+    assert np.allclose(mask.header.get_zooms(), dwi.header.get_zooms())
+    assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+
+
+def test_tables_hold_volume_count_and_metrics(mixed_run):
+    report, out = mixed_run
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["subject"] for r in rows] == ["sub-strokecase0009"]
+    row = rows[0]
+    mask = nib.load(out / row["mask_file"])
+    expected = lesion_stats(np.asanyarray(mask.dataobj), mask.affine)
+    assert float(row["volume_ml"]) == pytest.approx(expected["volume_ml"])
+    assert int(row["lesion_count"]) == expected["lesion_count"]
+    # The ground truth is the known 523 voxels of 8 mm^3.
+    assert float(row["truth_volume_ml"]) == pytest.approx(4.184, abs=0.01)
+    for key in ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1"):
+        assert row[key] != "" and np.isfinite(float(row[key]))
+    assert float(row["abs_volume_diff_ml"]) == pytest.approx(abs(expected["volume_ml"] - 4.184), abs=0.02)
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["cases"][0]["subject"] == "sub-strokecase0009"
+    assert doc["model_version"].startswith("sha256:")
+
+
+def test_truncated_case_is_reported_and_skipped(mixed_run):
+    report, out = mixed_run
+    assert report.predicted == 1
+    assert [p.subject for p in report.failed] == ["sub-strokecase0100"]
+    assert report.failed[0].path.endswith("sub-strokecase0100_ses-0001_dwi.nii.gz")
+    assert not (out / "sub-strokecase0100_mask.nii.gz").exists()
+    doc = json.loads((out / "predictions.json").read_text())
+    assert [f["subject"] for f in doc["failed"]] == ["sub-strokecase0100"]
+    # Atomic writes leave no temporary files behind.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predictions.csv", "predictions.json", "sub-strokecase0009_mask.nii.gz"]
+
+
+def test_explicit_files_with_a_known_mask_and_probability(isles_sample, tmp_path):
+    # A constant logit of +20 marks every voxel: the whole field of view is "lesion".
+    ckpt = make_checkpoint(tmp_path / "ckpt", level="native", patch=32, bias=20.0)
+    files = case_files(isles_sample)
+    report = predict_dataset(files, ckpt.parent, tmp_path / "out", save_probability=True, progress=False)
+    assert report.predicted == 1 and not report.failed
+    row = report.rows[0]
+    assert row["subject"] == "sub-strokecase0009_ses-0001"
+    voxel_ml = float(np.prod(nib.load(files["dwi"]).header.get_zooms()[:3])) / 1000
+    assert row["volume_ml"] == pytest.approx(112 * 112 * 73 * voxel_ml, rel=1e-4)
+    assert row["lesion_count"] == 1
+    assert "dice" not in row  # no ground truth given
+    prob = nib.load(tmp_path / "out" / "sub-strokecase0009_ses-0001_prob.nii.gz")
+    assert prob.shape == (112, 112, 73) and prob.get_data_dtype() == np.float32
+    assert float(np.asanyarray(prob.dataobj).min()) > 0.99
+
+
+def test_cli_single_case_and_all_failed_exit(isles_sample, checkpoint, tmp_path):
+    from stroke_ray.cli import app
+
+    files = case_files(isles_sample)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["predict", "--dwi", str(files["dwi"]), "--adc", str(files["adc"]),
+                             "--flair", str(files["flair"]), "--mask", str(mask_file(isles_sample)),
+                             "-o", str(tmp_path / "ok"), "-m", str(checkpoint)])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "ok" / "sub-strokecase0009_ses-0001_mask.nii.gz").is_file()
+    row = next(csv.DictReader((tmp_path / "ok" / "predictions.csv").open()))
+    assert row["dice"] != ""
+
+    # The only case lacks FLAIR (the model needs it): reported, nothing written, exit 1.
+    bad = runner.invoke(app, ["predict", "--dwi", str(files["dwi"]), "--adc", str(files["adc"]),
+                              "-o", str(tmp_path / "bad"), "-m", str(checkpoint)])
+    assert bad.exit_code == 1, bad.output
+    assert "flair" in bad.output
+    assert not list((tmp_path / "bad").glob("*.nii.gz"))
+
+
+def test_cli_bad_model_is_one_line(tmp_path, isles_sample):
+    from stroke_ray.cli import app
+
+    broken = tmp_path / "checkpoint.pt"
+    broken.write_bytes(gzip.compress(b"not a checkpoint"))
+    result = CliRunner().invoke(app, ["predict", "-i", str(isles_sample), "-o", str(tmp_path / "o"),
+                                      "-m", str(broken)])
+    assert result.exit_code == 2
+    assert str(broken) in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,372 @@
+"""Experiment tracking and the model registry, on MLflow.
+
+Everything goes through `MlflowClient` with explicit run ids: no global active run, so the
+same functions work in the driver, inside a Ray Train worker and inside a Ray Tune trial.
+Runs are found again by a tag (`stroke_ray.run_name`, plus the parent run id for nested
+runs), so a resumed training or sweep logs into the run it started instead of creating a
+duplicate.
+
+A trained model is logged as its checkpoint file under the run's `model/` artifact folder
+and registered from there (`runs:/<run_id>/model`); `resolve_checkpoint` turns any model
+reference (a path, `runs:/...`, `models:/name@alias`, `models:/name/3`) into a local
+`checkpoint.pt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from stroke_ray.errors import StrokeRayError
+
+REGISTERED_MODEL = "stroke-ray-segmenter"
+CHAMPION_ALIAS = "champion"
+RUN_NAME_TAG = "stroke_ray.run_name"
+PARENT_TAG = "mlflow.parentRunId"
+MODEL_ARTIFACT = "model"
+
+
+def default_tracking_uri() -> str:
+    """`sqlite:///<abs cwd>/mlflow.db`: MLflow 3 refuses the plain file store by default."""
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def client_for(tracking_uri: str | None = None):
+    """An MlflowClient on `tracking_uri` (default: the local sqlite file), registry included."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a local sqlite store sit beside the database, at an absolute path.
+
+    Without this MLflow puts them under the *current* directory of whichever process
+    creates the experiment, which differs between the driver and Ray workers.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):])
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment).strip("-") or "experiment"
+    digest = hashlib.sha1(experiment.encode()).hexdigest()[:8]
+    return str(db.parent / "mlartifacts" / f"{slug}-{digest}")
+
+
+def get_or_create_experiment(client, experiment: str) -> str:
+    """Experiment id by name, creating it if needed (safe when trials race to create it)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(
+            experiment, artifact_location=_artifact_location(client.tracking_uri, experiment)
+        )
+    except MlflowException:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def find_run(client, experiment: str, run_name: str, parent_run_id: str | None = None) -> str | None:
+    """The id of the run tagged with `run_name` (under `parent_run_id`), or None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    # MLflow's filter grammar has no escapes: quote with a character the name lacks, or
+    # fall back to listing every tagged run of the experiment (names with both quotes).
+    quote = next((q for q in ("'", '"') if q not in run_name), None)
+    filter_string = (
+        f"tags.`{RUN_NAME_TAG}` = {quote}{run_name}{quote}" if quote else f"tags.`{RUN_NAME_TAG}` LIKE '%'"
+    )
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        if run.data.tags.get(RUN_NAME_TAG) != run_name:
+            continue
+        if run.data.tags.get(PARENT_TAG) == parent_run_id:
+            return run.info.run_id
+    return None
+
+
+def get_or_create_run(
+    client,
+    experiment: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Run id of `run_name` in `experiment`, creating the run only if it does not exist."""
+    existing = find_run(client, experiment, run_name, parent_run_id)
+    if existing is not None:
+        if client.get_run(existing).info.status != "RUNNING":
+            client.update_run(existing, status="RUNNING")
+        return existing
+    all_tags = {RUN_NAME_TAG: run_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id is not None:
+        all_tags[PARENT_TAG] = parent_run_id
+    exp_id = get_or_create_experiment(client, experiment)
+    return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": "0.001"}; lists become their repr."""
+    out: dict[str, str] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def log_params_flat(client, run_id: str, nested: Mapping[str, Any]) -> dict[str, str]:
+    """Log a nested dict as dotted params, skipping those already logged with the same value.
+
+    MLflow refuses to change a logged param, so a changed value is an error worth seeing:
+    it means a resumed run was given a different config.
+    """
+    from mlflow.entities import Param
+
+    have = client.get_run(run_id).data.params
+    flat = flatten(nested)
+    changed = {k: (have[k], v) for k, v in flat.items() if k in have and have[k] != v}
+    if changed:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise StrokeRayError(f"MLflow run {run_id} was logged with other params ({detail})")
+    new = [Param(k, v[:6000]) for k, v in flat.items() if k not in have]
+    for start in range(0, len(new), 100):  # MLflow's per-batch param limit
+        client.log_batch(run_id, params=new[start : start + 100])
+    return flat
+
+
+def logged_steps(client, run_id: str, key: str) -> set[int]:
+    """Steps at which `key` was already logged in this run."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def log_metrics(
+    client, run_id: str, metrics: Mapping[str, float], step: int, skip_logged: bool = True
+) -> None:
+    """Log numeric metrics at `step`; with `skip_logged`, keys already at that step are kept.
+
+    A worker restarted from a checkpoint may redo an epoch it already logged; skipping keeps
+    each curve free of duplicate points.
+    """
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    todo = []
+    for key, value in metrics.items():
+        if value is None or isinstance(value, (str, bytes, bool)):
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if skip_logged and step in logged_steps(client, run_id, key):
+            continue
+        todo.append(Metric(key, value, now, int(step)))
+    if todo:
+        client.log_batch(run_id, metrics=todo)
+
+
+def _slices(truth: np.ndarray, pred: np.ndarray, n: int) -> list[int]:
+    """Axial slices through the lesion (truth, else prediction), else through the middle."""
+    depth = truth.shape[2]
+    area = truth.reshape(-1, depth).sum(0)
+    if area.sum() == 0:
+        area = pred.reshape(-1, depth).sum(0)
+    if area.sum() == 0:
+        return sorted({int(round(x)) for x in np.linspace(depth * 0.3, depth * 0.7, n)})
+    lesion = np.nonzero(area)[0]
+    picks = np.linspace(lesion.min(), lesion.max(), n + 2)[1:-1] if n > 1 else [area.argmax()]
+    return sorted({int(round(x)) for x in picks})
+
+
+def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, n_slices: int = 3, title: str = ""):
+    """A matplotlib figure: n axial slices of channel 0 with truth (green) and prediction (red) contours."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image)
+    base = image[0] if image.ndim == 4 else image
+    truth = np.asarray(truth) > 0
+    pred = np.asarray(pred) > 0
+    zs = _slices(truth, pred, n_slices)
+    fig = Figure(figsize=(3 * len(zs), 3.3), dpi=80)
+    lo, hi = np.percentile(base, [1, 99]) if base.size else (0, 1)
+    for i, z in enumerate(zs):
+        ax = fig.add_subplot(1, len(zs), i + 1)
+        # Transpose so the first voxel axis runs left-right, as radiological viewers show it.
+        ax.imshow(base[:, :, z].T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        for mask, colour in ((truth, "lime"), (pred, "red")):
+            sl = mask[:, :, z].T.astype(float)
+            if sl.any() and not sl.all():
+                ax.contour(sl, levels=[0.5], colors=colour, linewidths=1.0)
+        ax.set_title(f"z={z}", fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(f"{title}  (green: truth, red: prediction)", fontsize=8)
+    return fig
+
+
+def log_overlays(
+    client,
+    run_id: str,
+    image: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    name: str,
+    n_slices: int = 3,
+    artifact_path: str = "overlays",
+) -> str:
+    """Log a PNG of `n_slices` axial overlays under `artifact_path/<name>.png`; returns its artifact path."""
+    fig = overlay_figure(image, truth, pred, n_slices=n_slices, title=name)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / f"{name}.png"
+        fig.savefig(png)
+        client.log_artifact(run_id, str(png), artifact_path)
+    return f"{artifact_path}/{name}.png"
+
+
+def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
+    """Log a small text file (e.g. the config YAML) as an artifact."""
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_model(
+    client,
+    run_id: str,
+    checkpoint_path: str | Path,
+    registered_name: str | None = None,
+    artifact_path: str = MODEL_ARTIFACT,
+) -> str:
+    """Log a checkpoint as `<artifact_path>/checkpoint.pt` of the run; returns the model URI.
+
+    The URI is `runs:/<run_id>/model`, or `models:/<name>/<version>` when `registered_name`
+    is given (a new version of that registered model is created from the run artifact).
+    """
+    from stroke_ray.checkpoint import CHECKPOINT_FILE, checkpoint_file
+
+    file = checkpoint_file(checkpoint_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The artifact is always named checkpoint.pt, whatever the local file is called.
+        staged = Path(tmp) / CHECKPOINT_FILE
+        staged.write_bytes(file.read_bytes())
+        client.log_artifact(run_id, str(staged), artifact_path)
+    uri = f"runs:/{run_id}/{artifact_path}"
+    if registered_name is None:
+        return uri
+    version = _create_version(client, registered_name, uri, run_id)
+    return f"models:/{registered_name}/{version}"
+
+
+def _create_version(client, name: str, source: str, run_id: str | None, tags: Mapping | None = None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            client.get_registered_model(name)  # created meanwhile by another process
+    mv = client.create_model_version(
+        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    return str(mv.version)
+
+
+_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
+_MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)(?:/(?P<path>.*))?$")
+
+
+def register_champion(
+    model_uri: str,
+    name: str = REGISTERED_MODEL,
+    alias: str = CHAMPION_ALIAS,
+    tags: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    client=None,
+) -> str:
+    """Point `name@alias` at `model_uri` (a `runs:/` URI or a version of `name`); returns the version."""
+    client = client or client_for(tracking_uri)
+    m = _MODELS_VERSION.match(model_uri)
+    if m and m["name"] == name:
+        version = m["version"]
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version, key, str(value))
+    else:
+        if m:  # a version of another registered model: register its source under `name`
+            src = client.get_model_version(m["name"], m["version"])
+            source, run_id = src.source, src.run_id
+        else:
+            r = _RUNS.match(model_uri)
+            source, run_id = model_uri, (r["run_id"] if r else None)
+        version = _create_version(client, name, source, run_id, tags)
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def _download(client, source: str, dst: Path) -> Path:
+    r = _RUNS.match(source)
+    if r:
+        return Path(client.download_artifacts(r["run_id"], r["path"] or "", str(dst)))
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=client.tracking_uri))
+
+
+def resolve_checkpoint(model_ref: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local `checkpoint.pt` for a file/dir path, `runs:/id/path`, `models:/name@alias` or `models:/name/N`.
+
+    Registry and run references are downloaded into `dst` (a new temporary folder by default).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from stroke_ray.checkpoint import checkpoint_file
+
+    ref = str(model_ref)
+    if not ref.startswith(("models:/", "runs:/")):
+        return checkpoint_file(ref)
+    client = client_for(tracking_uri)
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="stroke-ray-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        if (m := _MODELS_ALIAS.match(ref)) is not None:
+            source = client.get_model_version_by_alias(m["name"], m["alias"]).source
+        elif (m := _MODELS_VERSION.match(ref)) is not None:
+            source = client.get_model_version(m["name"], m["version"]).source
+        elif _RUNS.match(ref):
+            source = ref
+        else:
+            raise StrokeRayError(f"{ref}: not a model reference (use models:/name@alias, models:/name/N or runs:/id/path)")
+        local = _download(client, source, dst)
+    except MlflowException as exc:
+        raise StrokeRayError(f"{ref}: cannot resolve in {client.tracking_uri} ({exc.message})") from exc
+    try:
+        return checkpoint_file(local)
+    except StrokeRayError as exc:
+        raise StrokeRayError(f"{ref}: the referenced artifact holds no checkpoint.pt") from exc

@@ -309,7 +309,7 @@ class PatchDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         normalise: bool = True,
-        cache_bytes: int = 512 * 2**20,
+        cache_bytes: int = 2**30,
         storage_options: dict | None = None,
     ):
         super().__init__()
@@ -386,11 +386,11 @@ class PatchDataset(IterableDataset):
             self._volumes.put(subject, (image, mask))
         return image, mask
 
-    def _read_patch(self, subject: str, corner: Triple) -> tuple[np.ndarray, np.ndarray]:
-        if self.cache_bytes > 0:
-            image, mask = self._volume(subject)
+    def _read_patch(self, subject: str, corner: Triple, volume=None) -> tuple[np.ndarray, np.ndarray]:
+        if volume is not None:
+            image, mask = volume
             return cut_patch(image, corner, self.patch), cut_patch(mask, corner, self.patch)
-        # Direct Zarr reads of the patch's region only (no cache).
+        # Direct Zarr reads of the patch's region only (cache_bytes=0).
         shape = self.store.mask(subject, self.level).shape
         src = tuple(slice(max(c, 0), min(c + n, s)) for c, n, s in zip(corner, self.patch, shape))
         image = np.asarray(self.store.image(subject, self.level)[(slice(None), *src)], np.float32)
@@ -416,10 +416,12 @@ class PatchDataset(IterableDataset):
             for index in rng.permutation(len(self.subjects)):
                 subject = self.subjects[int(index)]
                 pos = self.positions(subject)
+                # Read once per visit (from the cache when it holds the subject).
+                volume = self._volume(subject) if self.cache_bytes > 0 else None
                 for _ in range(self.samples_per_volume):
                     corner = pos.sample(rng)
                     self._draws[pos.reason] += 1
-                    image, mask = self._read_patch(subject, corner)
+                    image, mask = self._read_patch(subject, corner, volume)
                     yield {
                         "image": torch.from_numpy(image),
                         "mask": torch.from_numpy(mask[None].astype(np.float32)),

@@ -250,3 +250,30 @@ def test_workers_and_ranks_get_distinct_reproducible_streams(tiny_store):
     assert rank0 == _stream_keys(make_loader(single, subjects, 1, seed=7, rank=0, world_size=2), 6)
     # worker 0 of a 2-worker loader draws what rank 0's single-process stream draws
     assert first[0::2] == rank0[:4]
+
+
+class CountingReads(PatchDataset):
+    """Counts whole-level reads from Zarr (cache misses)."""
+
+    reads = 0
+
+    def _volume(self, subject):
+        if self._volumes is None or self._volumes.get(subject) is None:
+            self.reads += 1
+        return super()._volume(subject)
+
+
+def test_level_read_once_per_visit_and_cached_across_visits(tiny_store):
+    subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
+    uncached = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4, cache_bytes=1)
+    take(uncached, 4 * N_SUBJECTS * 2)  # two passes
+    assert uncached.reads == 2 * N_SUBJECTS
+    cached = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4)
+    take(cached, 4 * N_SUBJECTS * 2)
+    assert cached.reads == N_SUBJECTS
+    one_case = 2 * 16**3 * 4 + 16**3  # bytes of one subject's image + mask
+    small = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4,
+                          cache_bytes=2 * one_case)
+    take(small, 4 * N_SUBJECTS * 3)
+    assert N_SUBJECTS < small.reads <= 3 * N_SUBJECTS  # bounded: evictions happen
+    assert small._volumes._bytes <= 2 * one_case

@@ -83,13 +83,16 @@ def generalized_dice_score(
     """GDS = (2 sum_c w_c sum p_c t_c + s_nr) / (sum_c w_c (sum p_c + sum t_c) + s_dr), w_c = 1/(sum t_c)^2.
 
     A class absent from the target would get an infinite weight; like MONAI it gets the
-    largest finite weight instead."""
+    largest finite weight instead. The weights are then scaled to sum to 1: the ratio does not
+    change, but the smoothing constants stay small next to the weighted sums (raw 1/(sum t)^2
+    weights make them ~1/voxels, and a smoothing of 1e-5 would dominate; see docs/losses.md)."""
     p, t = class_probabilities(logits, target)
     inter, psum, tsum = _sums(p, t)
     w = 1.0 / (tsum * tsum)
     absent = torch.isinf(w)
     w = torch.where(absent, torch.zeros_like(w), w)
     w = w + absent * w.max()
+    w = w / w.sum()
     return (2 * (w * inter).sum() + smooth_nr) / ((w * (psum + tsum)).sum() + smooth_dr)
 
 

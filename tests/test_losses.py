@@ -34,11 +34,15 @@ def _logits(k: int, seed: int = 1) -> torch.Tensor:
 
 
 def _monai_gdl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MONAI GDL on the same class probabilities: two channels (1-p, p) for a binary head."""
+    """MONAI GDL on the same class probabilities: two channels (1-p, p) for a binary head.
+
+    Without smoothing: our class weights are scaled to sum to 1, which leaves the ratio
+    unchanged but not the relative size of the smoothing constants."""
+    nosmooth = dict(smooth_nr=0.0, smooth_dr=0.0)
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits)
-        return GeneralizedDiceLoss(batch=True, **SMOOTH)(torch.cat([1 - p, p], 1), torch.cat([1 - target, target], 1))
-    return GeneralizedDiceLoss(softmax=True, to_onehot_y=True, batch=True, **SMOOTH)(logits, target)
+        return GeneralizedDiceLoss(batch=True, **nosmooth)(torch.cat([1 - p, p], 1), torch.cat([1 - target, target], 1))
+    return GeneralizedDiceLoss(softmax=True, to_onehot_y=True, batch=True, **nosmooth)(logits, target)
 
 
 def _monai_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,7 +83,8 @@ def _monai_reference(name: str, logits: torch.Tensor, target: torch.Tensor) -> t
 @pytest.mark.parametrize("kind", ["random", "empty", "full"])
 def test_matches_monai_and_gradients_are_finite(name, k, kind):
     logits, target = _logits(k), _target(kind, k)
-    ours = build_loss(name, out_channels=k)(logits, target)
+    smoothing = dict(smooth_nr=0.0, smooth_dr=0.0) if name.startswith("gdl") else {}
+    ours = build_loss(name, out_channels=k, **smoothing)(logits, target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about absent classes in the edge cases
         ref = _monai_reference(name, logits, target)
@@ -116,6 +121,30 @@ def test_binary_gdl_uses_both_classes():
     low, high = torch.full((SHAPE[0], 1, *SHAPE[1:]), -5.0), torch.full((SHAPE[0], 1, *SHAPE[1:]), 5.0)
     assert generalized_dice_score(low, target) > 0.99
     assert generalized_dice_score(high, target) < 0.01
+
+
+def test_gdl_smoothing_does_not_hide_false_positives():
+    """With raw 1/(sum t)^2 weights (MONAI) the 1e-5 smoothing is of the size of the weighted
+    sums of a lesion-free batch (here 2 x 32^3; GDS ~ 0.72 at 2 x 64^3), so an all-lesion
+    prediction still scores well."""
+    target = torch.zeros(2, 1, 32, 32, 32)
+    wrong, right = torch.full_like(target, 20.0), torch.full_like(target, -20.0)
+    assert generalized_dice_score(wrong, target) < 1e-3
+    assert generalized_dice_score(right, target) > 0.999
+    p = torch.sigmoid(wrong)
+    monai_gds = 1 - GeneralizedDiceLoss(batch=True, **SMOOTH)(torch.cat([1 - p, p], 1), torch.cat([1 - target, target], 1))
+    assert monai_gds > 0.2  # the behaviour avoided here
+
+
+def test_gdl_smoothing_is_monai_smoothing_times_weight_sum():
+    """Scaling the weights to sum 1 equals MONAI with smoothing multiplied by the raw weight sum."""
+    logits, target = _logits(1), _target("random", 1)
+    fg = target.sum()
+    raw_weight_sum = 1 / fg**2 + 1 / (target.numel() - fg) ** 2
+    p = torch.sigmoid(logits)
+    scaled = {k: v * raw_weight_sum.item() for k, v in SMOOTH.items()}
+    ref = GeneralizedDiceLoss(batch=True, **scaled)(torch.cat([1 - p, p], 1), torch.cat([1 - target, target], 1))
+    torch.testing.assert_close(build_loss("gdl")(logits, target), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_log_form_is_minus_log_gds():

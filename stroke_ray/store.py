@@ -34,9 +34,12 @@ FORMAT_NAME = "stroke-ray"
 FORMAT_VERSION = 1
 NATIVE = "native"
 
-# Chosen by measurement of random 64^3 / 128^3 patch reads; see docs/data.md.
+# Chosen by measurement of random 64^3 patch and whole-volume reads on 128^3 and 192^3
+# levels (benchmarks/bench_chunks.py, docs/data.md): all channels of a 64^3 block in one
+# chunk means fewer chunks per patch, and lz4 decompresses 2-5x faster than zstd for a
+# store only 1-4 % larger.
 CHUNK_EDGE = 64
-COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 class StoreError(StrokeRayError, ValueError):
@@ -60,8 +63,9 @@ class LevelArrays:
 
 
 def _chunks(shape: tuple[int, ...], edge: int) -> tuple[int, ...]:
+    # Images keep every channel of a block together: readers always take all channels.
     spatial = tuple(min(edge, s) for s in shape[-3:])
-    return (1, *spatial) if len(shape) == 4 else spatial
+    return (shape[0], *spatial) if len(shape) == 4 else spatial
 
 
 def _jsonable(value: Any) -> Any:

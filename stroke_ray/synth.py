@@ -88,15 +88,25 @@ class Grid:
 class Anatomy:
     """Tissue fractions of the MNI152 2009 template on its 1 mm grid (loaded once)."""
 
-    tissues: np.ndarray  # (3, X, Y, Z) float32: gm, wm, csf
-    affine: np.ndarray
+    tissues: np.ndarray  # (3, X, Y, Z) float32: gm, wm, csf, cropped to the brain
+    affine: np.ndarray  # of the cropped maps
+    template: Grid  # the full 197 x 233 x 189 template grid (the ATLAS R2.0 grid)
     centre: np.ndarray  # centre of the brain's bounding box, template mm
-    near_brain: np.ndarray  # bool, on the template grid subsampled by 4: brain dilated ~8 mm
+    near_brain: np.ndarray  # bool, subsampled by 4: brain dilated by ~8 mm
+    parenchyma: np.ndarray  # bool, GM + WM >= 0.5: where infarcts may be
+    candidates: np.ndarray  # (n, 3) parenchyma voxels on a 2-voxel lattice: lesion centres
     _smoothed: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.tissues.shape[1:])
+
+    def on_template(self) -> np.ndarray:
+        """The tissue maps (3, 197, 233, 189) back on the full template grid."""
+        lo = np.rint(np.linalg.solve(self.template.affine, self.affine[:, 3])[:3]).astype(int)
+        out = np.zeros((3, *self.template.shape), np.float32)
+        out[(slice(None), *(slice(a, a + n) for a, n in zip(lo, self.shape)))] = self.tissues
+        return out
 
     def smoothed(self, sigma: tuple[float, float, float]) -> np.ndarray:
         """Tissue maps pre-filtered for a voxel footprint of `sigma` template voxels."""
@@ -157,12 +167,23 @@ def mni_anatomy() -> Anatomy:
     gm, wm = gm / total * brain, wm / total * brain
     # Whatever the brain holds that is neither GM nor WM is CSF (ventricles, sulci).
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    affine = np.asarray(images["t1"].affine, dtype=np.float64)
+    full_affine = np.asarray(images["t1"].affine, dtype=np.float64)
+    template = Grid(tuple(int(n) for n in brain.shape), full_affine)
+    # Crop to the brain (+2 voxels): half the voxels to filter and keep in memory.
     idx = np.argwhere(brain > 0)
-    centre = (affine @ np.append((idx.min(axis=0) + idx.max(axis=0)) / 2.0, 1.0))[:3]
+    lo, hi = np.maximum(idx.min(axis=0) - 2, 0), np.minimum(idx.max(axis=0) + 3, brain.shape)
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    affine = full_affine @ shift
+    tissues = np.stack([gm[crop], wm[crop], csf[crop]]).astype(np.float32)
+    brain = brain[crop] > 0
+    centre = (affine @ np.append((np.asarray(brain.shape) - 1) / 2.0, 1.0))[:3]
     # Voxels within ~8 mm of the brain: the only ones worth interpolating.
-    near = ndimage.binary_dilation(brain[::4, ::4, ::4] > 0, iterations=2)
-    return Anatomy(np.stack([gm, wm, csf]).astype(np.float32), affine, centre, near)
+    near = ndimage.binary_dilation(brain[::4, ::4, ::4], iterations=2)
+    parenchyma = (tissues[0] + tissues[1]) >= 0.5
+    candidates = np.argwhere(parenchyma[::2, ::2, ::2]) * 2
+    return Anatomy(tissues, affine, template, centre, near, parenchyma, candidates)
 
 
 @dataclass(frozen=True)
@@ -256,7 +277,7 @@ def synth_case(index: int, layout: str = "isles22", seed: int = 0) -> SynthCase:
     if layout == "atlas":
         # ATLAS images are registered to MNI: only residual misregistration remains.
         transform = SubjectTransform.random(rng, 1.5, 0.03, 1.0, 1.0, centre)
-        grids = {"t1w": Grid(anatomy.shape, anatomy.affine.copy())}
+        grids = {"t1w": anatomy.template}
         reference = "t1w"
     else:
         # The template brain (1.9 l inside its mask) is larger than a typical stroke
@@ -265,9 +286,7 @@ def synth_case(index: int, layout: str = "isles22", seed: int = 0) -> SynthCase:
         grids = _isles_grids(rng, transform.matrix[:3, :3] @ centre + transform.matrix[:3, 3])
         reference = "dwi"
 
-    lesion, lesions = _lesion_map(anatomy, rng, lesion_class)
-    found = np.argwhere(lesion > 0)
-    lesion_box = tuple(slice(int(a), int(b) + 1) for a, b in zip(found.min(axis=0), found.max(axis=0)))
+    lesion, lesion_box, lesions = _lesion_map(anatomy, rng, lesion_class)
     factors = {m: float(rng.uniform(*CONTRASTS[m].lesion)) for m in grids}
     mismatch = layout == "isles22" and rng.random() < FLAIR_MISMATCH_P
     if mismatch:
@@ -432,10 +451,10 @@ def _sample_anatomy(anatomy: Anatomy, transform: SubjectTransform, grid: Grid, l
                     lesion_box: tuple[slice, ...]) -> Sampled:
     """Tissue and lesion fractions on `grid`, at the voxels where tissue is >= 50 %."""
     flat, coords = transform.template_points(grid, anatomy)
-    # Footprint of one grid voxel in template voxels, per template axis; a separable
-    # pre-filter along the template axes is close enough for the small tilts used here.
-    to_template = np.linalg.inv(anatomy.affine) @ np.linalg.inv(transform.matrix) @ grid.affine
-    footprint = np.abs(to_template[:3, :3]).max(axis=1)
+    # Footprint of one grid voxel in template voxels; the grid axes stay within ~16 degrees
+    # of the template's, so a separable pre-filter along the template axes is close
+    # enough, and depending on the nominal spacing only lets all cases share it.
+    footprint = _spacing(grid.affine) / _spacing(anatomy.affine)
     smoothed = anatomy.smoothed(tuple(np.maximum(0.0, (footprint - 1.0) / 2.0)))
     tissues = np.stack([
         ndimage.map_coordinates(t, coords, order=1, mode="constant", cval=0.0, prefilter=False)
@@ -457,30 +476,26 @@ def _sample_anatomy(anatomy: Anatomy, transform: SubjectTransform, grid: Grid, l
 # ----------------------------------------------------------------------------- lesions
 
 
-def _lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str) -> tuple[np.ndarray, list]:
-    """Soft lesion fraction on the template grid and a description of each lesion."""
-    gm, wm, _ = anatomy.tissues
-    parenchyma = (gm + wm) >= 0.5
+def _lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str
+                ) -> tuple[np.ndarray, tuple[slice, ...], list]:
+    """Soft lesion fraction on the (cropped) template grid, its bounding box, and a
+    description of each lesion."""
     lesion = np.zeros(anatomy.shape, np.float32)
-    described = []
-    candidates = np.argwhere(parenchyma[::2, ::2, ::2]) * 2  # coarse pool of lesion centres
+    described, boxes = [], []
+    candidates = anatomy.candidates
     if lesion_class == "lacunar":  # lacunes sit in deep grey/white matter near the centre
         centre_vox = np.linalg.solve(anatomy.affine, np.append(anatomy.centre, 1.0))[:3]
         deep = np.linalg.norm((candidates - centre_vox) * _spacing(anatomy.affine), axis=1) < 30.0
         candidates = candidates[deep]
     side = float(rng.choice([-1.0, 1.0]))
 
-    def random_centre() -> np.ndarray:
-        return candidates[int(rng.integers(len(candidates)))].astype(np.float64)
-
     if lesion_class == "territorial":
         name = str(rng.choice(list(TERRITORIES), p=[0.6, 0.15, 0.15, 0.1]))
         target_ml = float(rng.uniform(15.0, 80.0) if name == "mca" else rng.uniform(10.0, 35.0))
-        _add_territorial(lesion, anatomy, parenchyma, rng, name, side, target_ml)
+        boxes.append(_add_territorial(lesion, anatomy, rng, name, side, target_ml))
         described.append({"kind": "territorial", "territory": name, "side": "R" if side > 0 else "L",
                           "target_ml": round(target_ml, 2)})
-        extra = int(rng.integers(0, 3))  # satellite embolic dots are common around them
-        radii = [(1.5, 3.0)] * extra
+        radii = [(1.5, 3.0)] * int(rng.integers(0, 3))  # satellite embolic dots are common
     elif lesion_class == "embolic":
         radii = [(1.5, 3.0)] * int(rng.integers(2, 7))
     elif lesion_class == "medium":
@@ -488,13 +503,14 @@ def _lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str) -
     else:  # lacunar: one small deep lesion, sometimes a second
         radii = [(2.5, 7.0)] * int(rng.integers(1, 3))
     for low, high in radii:
-        centre = random_centre()
+        centre = candidates[int(rng.integers(len(candidates)))].astype(np.float64)
         r = rng.uniform(low, high, 3)
-        _add_ellipsoid(lesion, anatomy, centre, r, _rotation(rng.uniform(0, np.pi, 3)))
+        boxes.append(_add_ellipsoid(lesion, anatomy, centre, r, _rotation(rng.uniform(0, np.pi, 3))))
         described.append({"kind": "ellipsoid", "radii_mm": [round(float(x), 2) for x in r]})
-    # Infarcts are confined to parenchyma (not ventricles, not outside the brain).
-    lesion *= parenchyma
-    return lesion, described
+    for box in boxes:  # infarcts are confined to parenchyma (not ventricles, not outside)
+        lesion[box] *= anatomy.parenchyma[box]
+    union = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+    return lesion, union, described
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
@@ -508,7 +524,7 @@ def _box(centre: np.ndarray, half: np.ndarray, shape: tuple[int, ...]) -> tuple[
 
 
 def _add_ellipsoid(lesion: np.ndarray, anatomy: Anatomy, centre_vox: np.ndarray, radii_mm: np.ndarray,
-                   rotation: np.ndarray) -> None:
+                   rotation: np.ndarray) -> tuple[slice, ...]:
     """Paste a soft-edged, randomly oriented ellipsoid (radii in mm) into `lesion`."""
     spacing = _spacing(anatomy.affine)
     box = _box(centre_vox, radii_mm.max() / spacing + 2, lesion.shape)
@@ -519,10 +535,11 @@ def _add_ellipsoid(lesion: np.ndarray, anatomy: Anatomy, centre_vox: np.ndarray,
     # ~1 mm soft edge so the boundary partial-volumes on coarser grids.
     soft = np.clip((1.0 - radius) * radii_mm.min() + 0.5, 0.0, 1.0).astype(np.float32)
     np.maximum(lesion[box], soft, out=lesion[box])
+    return box
 
 
-def _add_territorial(lesion: np.ndarray, anatomy: Anatomy, parenchyma: np.ndarray, rng: np.random.Generator,
-                     territory: str, side: float, target_ml: float) -> None:
+def _add_territorial(lesion: np.ndarray, anatomy: Anatomy, rng: np.random.Generator, territory: str,
+                     side: float, target_ml: float) -> tuple[slice, ...]:
     """A large irregular infarct: a smoothed random blob inside one arterial territory."""
     centre_mm, radii_mm = (np.array(v, dtype=np.float64) for v in TERRITORIES[territory])
     centre_mm = centre_mm * np.array([side, 1.0, 1.0]) + rng.uniform(-6.0, 6.0, 3)
@@ -538,12 +555,12 @@ def _add_territorial(lesion: np.ndarray, anatomy: Anatomy, parenchyma: np.ndarra
     offsets = np.stack([(g - c) * sp / r for g, c, sp, r in zip(grids, centre_vox, spacing, radii_mm)], -1)
     envelope = (offsets ** 2).sum(axis=-1)  # 1 at the territory's ellipsoidal border
     hemisphere = (np.sign(grids[0] * anatomy.affine[0, 0] + anatomy.affine[0, 3]) == side)
-    allowed = parenchyma[box] & (envelope <= 1.0) & hemisphere
+    allowed = anatomy.parenchyma[box] & (envelope <= 1.0) & hemisphere
     score = np.where(allowed, noise - 2.5 * envelope, -np.inf)
     n_voxels = int(target_ml * 1000.0 / np.prod(spacing))
     n_voxels = min(n_voxels, int(allowed.sum()))
     if n_voxels <= 0:
-        return
+        return box
     threshold = np.partition(score.ravel(), -n_voxels)[-n_voxels]
     blob = (score >= threshold).astype(np.float32)
     # Keep the largest connected piece so it reads as one infarct, then soften its edge.
@@ -553,6 +570,7 @@ def _add_territorial(lesion: np.ndarray, anatomy: Anatomy, parenchyma: np.ndarra
         blob = (labels == 1 + int(np.argmax(sizes))).astype(np.float32)
     blob = ndimage.gaussian_filter(blob, 0.7)
     np.maximum(lesion[box], np.clip((blob - 0.5) * 2.0 + 0.5, 0.0, 1.0), out=lesion[box])
+    return box
 
 
 # ----------------------------------------------------------------------------- intensities

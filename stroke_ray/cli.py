@@ -54,12 +54,13 @@ def synth(
     output: Path = typer.Option(..., "-o", "--output", help="Dataset folder to create."),
     n: int = typer.Option(8, "-n", "--num-cases", min=1, help="Number of cases."),
     layout: str = typer.Option("isles22", help="isles22 or atlas."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives the same cases."),
+    seed: int = typer.Option(0, min=0, help="Random seed; the same seed gives the same cases."),
 ) -> None:
     """Generate synthetic stroke cases on real MNI152 anatomy."""
     from stroke_ray.synth import generate_dataset
 
-    generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True)
+    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True)
+    typer.echo(f"wrote {len(subjects)} synthetic {layout} case(s) to {output}")
 
 
 @app.command()

@@ -36,8 +36,8 @@ NATIVE = "native"
 
 # Chosen by measurement of random 64^3 patch and whole-volume reads on 128^3 and 192^3
 # levels (benchmarks/bench_chunks.py, docs/data.md): all channels of a 64^3 block in one
-# chunk means fewer chunks per patch, and lz4 decompresses 2-5x faster than zstd for a
-# store only 1-4 % larger.
+# chunk means fewer chunks per patch, and lz4 decompresses 2-5x faster than zstd at
+# about the same size (within 6 %).
 CHUNK_EDGE = 64
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 

@@ -69,7 +69,7 @@ def test_invalid_cluster_yaml_is_rejected(cluster_config):
 # Ray (ray_local), and one process can only be connected to one Ray.
 MULTI_NODE_SCRIPT = textwrap.dedent(
     r'''
-    import json, re, socket, sys
+    import json, re, socket, sys, time
     from pathlib import Path
 
     import httpx, ray, yaml
@@ -79,12 +79,22 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
     from stroke_ray.cli import app
 
     work = Path(sys.argv[1])
+    clock = time.perf_counter()
+    seconds = {}
+
+    def lap(step):
+        global clock
+        now = time.perf_counter()
+        seconds[step] = round(now - clock, 1)
+        clock = now
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     address = cluster.address
     runner = CliRunner()
-    out = {"address": address}
+    out = {"address": address, "seconds": seconds}
+    lap("cluster")
 
     def cli(*args):
         result = runner.invoke(app, [str(a) for a in args])
@@ -94,19 +104,22 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
 
     try:
         cli("synth", "-o", work / "data", "-n", 3, "--seed", 1)
+        lap("synth")
         cli("convert", work / "data", "-o", work / "store.zarr", "--levels", 32, "--address", address)
+        lap("convert")
         out["nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
         config = {
             "name": "cluster-smoke",
             "model": {"widths": [4, 8, 16]},
             "data": {"store": str(work / "store.zarr"), "level": "32", "patch_size": 32,
                      "samples_per_volume": 2, "val_fraction": 0.34},
-            "epochs": 1, "steps_per_epoch": 2, "batch_size": 1, "num_workers": 2,
+            "epochs": 1, "steps_per_epoch": 2, "batch_size": 1, "num_workers": 1,
             "use_gpu": False, "amp": False, "val_max_subjects": 1,
             "storage_path": str(work / "runs"), "tracking_uri": f"sqlite:///{work}/mlflow.db",
         }
         (work / "train.yaml").write_text(yaml.safe_dump(config))
         trained = cli("train", "-c", work / "train.yaml", "--address", address)
+        lap("train")
         run_id = re.search(r"mlflow run: (\w+)", trained).group(1)
         out["model_ref"] = f"runs:/{run_id}/model"
 
@@ -118,6 +131,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
         url = start_server(out["model_ref"], port=port, address=address, cpus_per_replica=0.5,
                            tracking_uri=config["tracking_uri"])
         out["healthz"] = httpx.get(f"{url}/healthz", timeout=60).json()
+        lap("serve")
         stop_server()
     finally:
         ray.shutdown()
@@ -137,6 +151,7 @@ def test_convert_train_serve_on_a_two_node_cluster(tmp_path):
     result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and result_lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(result_lines[-1][len("RESULT "):])
+    print("multi-node steps (s):", result["seconds"])
     assert result["nodes"] == 2
     assert result["healthz"]["status"] == "ok"
     assert result["healthz"]["model"] == result["model_ref"]

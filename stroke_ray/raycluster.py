@@ -21,4 +21,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # address="local" always starts a fresh instance; without it Ray would attach to
+        # whatever cluster another process on this machine happens to be running.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)

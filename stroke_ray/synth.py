@@ -665,7 +665,7 @@ def _description(layout: str, seed: int) -> dict:
         "DatasetType": "raw",
         "Synthetic": True,
         "GeneratedBy": [{"Name": "stroke-ray synth", "Description": f"layout={layout} seed={seed}"}],
-        "License": "CC BY 4.0 (derived from the ICBM 2009 template; see README.md)",
+        "License": "synthetic; anatomy from the ICBM 2009a template under the MNI/McGill notice in README.md",
     }
 
 
@@ -683,8 +683,13 @@ def _readme(layout: str) -> str:
         "template tissue maps with simulated lesions, bias field and noise. No patient data.\n"
         "Use it to exercise the pipeline, never to judge clinical performance.\n\n"
         f"Layout:\n\n    {files}\n\n"
-        "Anatomy: ICBM 2009 nonlinear symmetric template as packaged by nilearn.\n"
+        "Anatomy: MNI ICBM152 2009a nonlinear symmetric template (1 mm T1, GM and WM maps) as\n"
+        "packaged by nilearn. Cite: Fonov et al., NeuroImage 54(1):313-327 (2011); Fonov et al.,\n"
+        "NeuroImage 47:S102 (2009).\n\n"
         "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal\n"
-        "Neurological Institute, McGill University. Cite: Fonov et al., NeuroImage 54(1):313-327\n"
-        "(2011) and Fonov et al., NeuroImage 47:S102 (2009).\n"
+        "Neurological Institute, McGill University. Permission to use, copy, modify, and\n"
+        "distribute this software and its documentation for any purpose and without fee is\n"
+        "hereby granted, provided that the above copyright notice appear in all copies. The\n"
+        "authors and McGill University make no representations about the suitability of this\n"
+        "software for any purpose. It is provided \"as is\" without express or implied warranty.\n"
     )

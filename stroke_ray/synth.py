@@ -86,7 +86,7 @@ class Grid:
 
 @dataclass(eq=False)
 class Anatomy:
-    """Tissue fractions of the MNI152 2009 template on its 1 mm grid (loaded once)."""
+    """Tissue fractions of the MNI152 2009a template at 1 mm, cropped to the brain (loaded once)."""
 
     tissues: np.ndarray  # (3, X, Y, Z) float32: gm, wm, csf, cropped to the brain
     affine: np.ndarray  # of the cropped maps
@@ -110,7 +110,7 @@ class Anatomy:
 
     def smoothed(self, sigma: tuple[float, float, float]) -> np.ndarray:
         """Tissue maps pre-filtered for a voxel footprint of `sigma` template voxels."""
-        # Half-voxel steps: nearby grids share one filtered copy (each is ~100 MB).
+        # Half-voxel steps: nearby grids share one filtered copy (each is ~50 MB).
         key = tuple(round(float(s) * 2.0) / 2.0 for s in sigma)
         if key not in self._smoothed:
             if max(key) <= 0.0:
@@ -367,6 +367,7 @@ def generate_dataset(
 
     from tqdm.auto import tqdm
 
+    mni_anatomy()  # load before the bar starts, so the bar shows the per-case rate
     subjects = []
     for index in tqdm(range(int(num_cases)), desc=f"synth {layout}", unit="case", disable=not progress):
         case = synth_case(index, layout=layout, seed=seed)

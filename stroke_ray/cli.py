@@ -105,6 +105,82 @@ def convert(
 
 @app.command()
 @_user_errors
+def train(
+    config: Path = typer.Option(..., "-c", "--config", help="Training config YAML (see configs/train_example.yaml)."),
+    name: Optional[str] = typer.Option(None, help="Run name; re-using a name resumes that run."),
+    store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Total epochs (overrides epochs)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
+) -> None:
+    """Train one model on Ray Train, tracked in MLflow; re-run the same name to resume."""
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.train import run_training
+
+    raw = TrainConfig.from_yaml(config).model_dump(mode="json")
+    for key, value in (("name", name), ("epochs", epochs), ("tracking_uri", tracking_uri)):
+        if value is not None:
+            raw[key] = value
+    if store is not None:
+        raw["data"]["store"] = store
+    result = run_training(TrainConfig.from_dict(raw, source=str(config)), address=address)
+    metrics = result.metrics or {}
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)
+    typer.echo(f"trained {raw['name']}: {shown}")
+    if result.checkpoint is not None:
+        typer.echo(f"checkpoint: {result.checkpoint.path}")
+    typer.echo(f"mlflow run: {getattr(result, 'mlflow_run_id', '?')} (model: runs:/{getattr(result, 'mlflow_run_id', '?')}/model)")
+
+
+@app.command()
+@_user_errors
+def tune(
+    space: Path = typer.Option(..., "-s", "--space", help="Search-space YAML (see search_spaces/)."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config YAML (default: built-in defaults)."),
+    store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
+    name: Optional[str] = typer.Option(None, help="Sweep name (default: the space's name)."),
+    storage: str = typer.Option("runs", help="Folder (or URI) for sweep state, checkpoints and reports."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name."),
+    num_samples: Optional[int] = typer.Option(None, min=1, help="Trials (overrides the space's num_samples)."),
+    seed: int = typer.Option(0, help="Optuna sampler seed."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
+    time_budget: Optional[float] = typer.Option(None, min=1, help="Stop after this many seconds (resume later)."),
+) -> None:
+    """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion."""
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.tune import SearchSpace, run_sweep
+
+    base = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
+    if store is not None:
+        base = base.model_copy(update={"data": base.data.model_copy(update={"store": store})})
+    result = run_sweep(
+        space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
+        tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
+        seed=seed, time_budget_s=time_budget,
+    )
+    typer.echo(result.summary())
+    if result.best is None:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Path = typer.Option(Path("demo"), "-w", "--workdir", help="Folder for data, runs, MLflow and predictions."),
+    num_cases: int = typer.Option(8, "-n", "--num-cases", min=3, help="Synthetic cases to generate."),
+    num_samples: Optional[int] = typer.Option(None, min=1, help="Sweep trials (default: the smoke space's)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
+) -> None:
+    """Run the whole pipeline on synthetic data: convert, sweep, register, predict."""
+    from stroke_ray.demo import run_demo
+
+    run_demo(workdir, num_cases=num_cases, num_samples=num_samples, address=address, num_cpus=num_cpus)
+
+
+@app.command()
+@_user_errors
 def predict(
     input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (ISLES'22 or ATLAS layout)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for masks and predictions.csv/json."),

@@ -277,7 +277,7 @@ def synth_case(index: int, layout: str = "isles22", seed: int = 0) -> SynthCase:
     if layout == "atlas":
         # ATLAS images are registered to MNI: only residual misregistration remains.
         transform = SubjectTransform.random(rng, 1.5, 0.03, 1.0, 1.0, centre)
-        grids = {"t1w": anatomy.template}
+        grids = {"t1w": Grid(anatomy.template.shape, anatomy.template.affine.copy())}
         reference = "t1w"
     else:
         # The template brain (1.9 l inside its mask) is larger than a typical stroke

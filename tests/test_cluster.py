@@ -78,7 +78,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
 
     from stroke_ray.cli import app
 
-    work = Path(sys.argv[1])
+    work, dataset = Path(sys.argv[1]), Path(sys.argv[2])
     clock = time.perf_counter()
     seconds = {}
 
@@ -103,16 +103,14 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
         return result.output
 
     try:
-        cli("synth", "-o", work / "data", "-n", 3, "--seed", 1)
-        lap("synth")
-        cli("convert", work / "data", "-o", work / "store.zarr", "--levels", 32, "--address", address)
+        cli("convert", dataset, "-o", work / "store.zarr", "--levels", 32, "--address", address)
         lap("convert")
         out["nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
         config = {
             "name": "cluster-smoke",
             "model": {"widths": [4, 8, 16]},
             "data": {"store": str(work / "store.zarr"), "level": "32", "patch_size": 32,
-                     "samples_per_volume": 2, "val_fraction": 0.34},
+                     "samples_per_volume": 2, "val_fraction": 0.25},
             "epochs": 1, "steps_per_epoch": 2, "batch_size": 1, "num_workers": 1,
             "use_gpu": False, "amp": False, "val_max_subjects": 1,
             "storage_path": str(work / "runs"), "tracking_uri": f"sqlite:///{work}/mlflow.db",
@@ -141,12 +139,12 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_convert_train_serve_on_a_two_node_cluster(tmp_path):
+def test_convert_train_serve_on_a_two_node_cluster(tmp_path, synth_dataset):
     script = tmp_path / "multi_node.py"
     script.write_text(MULTI_NODE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TQDM_DISABLE"] = "1"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(synth_dataset)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and result_lines, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -75,11 +75,9 @@ def model_version(model_ref: str | Path, checkpoint: Path, tracking_uri: str | N
         try:
             if "@" in name_part:
                 name, alias = name_part.split("@", 1)
-                from mlflow import MlflowClient
+                from stroke_ray.tracking import client_for
 
-                from stroke_ray.tracking import default_tracking_uri
-
-                client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+                client = client_for(tracking_uri)
                 return f"{name}/v{client.get_model_version_by_alias(name, alias).version}"
             name, number = name_part.rsplit("/", 1)
             return f"{name}/v{int(number)}"

@@ -166,3 +166,17 @@ def test_cli_bad_model_is_one_line(tmp_path, isles_sample):
     assert result.exit_code == 2
     assert str(broken) in result.output
     assert "Traceback" not in result.output
+
+
+def test_registered_champion_is_the_default_kind_of_reference(isles_sample, checkpoint, tmp_path):
+    from stroke_ray import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    run_id = tracking.get_or_create_run(client, "predict-test", "trained")
+    tracking.register_champion(tracking.log_model(client, run_id, checkpoint), tracking_uri=uri)
+    report = predict_dataset(case_files(isles_sample), "models:/stroke-ray-segmenter@champion",
+                             tmp_path / "out", tracking_uri=uri, progress=False)
+    assert report.predicted == 1
+    assert report.model_version == "stroke-ray-segmenter/v1"
+    assert (tmp_path / "out" / "sub-strokecase0009_ses-0001_mask.nii.gz").is_file()

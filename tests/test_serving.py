@@ -165,3 +165,15 @@ def test_bad_model_ref_fails_before_deploying(ray_local, tmp_path):
     with pytest.raises(StrokeRayError, match="nope"):
         start_server(tmp_path / "nope" / "checkpoint.pt", port=free_port(),
                      tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_serve_command_reports_a_bad_model_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from stroke_ray.cli import app
+
+    missing = tmp_path / "missing-checkpoint"
+    result = CliRunner().invoke(app, ["serve", "-m", str(missing), "--port", str(free_port()),
+                                      "--min-replicas", "1", "--max-replicas", "2"])
+    assert result.exit_code == 2, result.output
+    assert str(missing) in result.output and "Traceback" not in result.output

@@ -126,7 +126,7 @@ def normalise_case(image: np.ndarray, attrs: dict[str, Any], normalization: str 
 
 def predict_case(
     model: torch.nn.Module,
-    case: "PreparedCase",
+    case: PreparedCase,
     level: str,
     patch_size: int,
     normalization: str = "zscore",

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def split_subjects(
     n = len(unique)
     if n < 2:
         return unique, []
-    n_val = min(max(1, int(round(val_fraction * n))), n - 1)
+    n_val = min(max(1, round(val_fraction * n)), n - 1)
     ranked = sorted(unique, key=lambda s: (_subject_key(s, seed), s))
     val = sorted(ranked[:n_val])
     train = sorted(ranked[n_val:])

@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from stroke_ray.config import DataConfig
 from stroke_ray.integral import integral_volume
@@ -146,7 +145,7 @@ def test_split_is_deterministic_disjoint_and_stable():
     assert len(val) == 4
     assert split_subjects(subjects, 0.2, seed=1) != (train, val)
     # Adding a subject keeps everyone else where they were unless the val count grows.
-    train2, val2 = split_subjects(subjects + ["sub-999"], 0.2, seed=0)
+    _, val2 = split_subjects(subjects + ["sub-999"], 0.2, seed=0)
     assert set(val2) <= set(val) | {"sub-999"} and len(set(val) & set(val2)) >= len(val) - 1
     assert split_subjects(["a", "b"], 0.01)[1] and split_subjects(["a", "b"], 0.99)[0]
     assert split_subjects(["a"], 0.2) == (["a"], [])

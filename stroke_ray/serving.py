@@ -24,6 +24,7 @@ models, with no extra infrastructure.
 # the route signatures after Serve has pickled the app.
 import gzip
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -154,20 +155,22 @@ class StrokeSegmenter:
             form = await StarletteRequest(request.scope, receive).form(max_files=32, max_fields=32)
         except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
             raise UploadError(400, "", f"malformed multipart body ({exc})") from None
-        needed = self.segmenter.modalities
-        missing = [m for m in needed if m not in form]
-        if missing:
-            raise UploadError(
-                422, missing[0], f"missing file field(s) {', '.join(missing)}; the model needs {', '.join(needed)}"
-            )
-        files = {}
-        for modality in needed:
-            item = form[modality]
-            if isinstance(item, str):
-                raise UploadError(400, modality, "expected a file upload, got a text field")
-            files[modality] = (item.filename or f"{modality}.nii.gz", await item.read())
-        await form.close()
-        return files
+        try:
+            needed = self.segmenter.modalities
+            missing = [m for m in needed if m not in form]
+            if missing:
+                raise UploadError(
+                    422, missing[0], f"missing file field(s) {', '.join(missing)}; the model needs {', '.join(needed)}"
+                )
+            files = {}
+            for modality in needed:
+                item = form[modality]
+                if isinstance(item, str):
+                    raise UploadError(400, modality, "expected a file upload, got a text field")
+                files[modality] = (item.filename or f"{modality}.nii.gz", await item.read())
+            return files
+        finally:
+            await form.close()
 
     def _segment(self, files: dict[str, tuple[str, bytes]]):
         """Validate, segment; returns (mask image on the reference grid, stats)."""
@@ -218,7 +221,9 @@ class StrokeSegmenter:
             body = {**stats, "shape": list(mask.shape), "model_version": self.segmenter.version}
             return JSONResponse(body, headers=self._headers())
         reference_name = files[self.segmenter.modalities[0]][0]
-        stem = reference_name.split("/")[-1].removesuffix(".gz").removesuffix(".nii") or "upload"
+        stem = reference_name.split("/")[-1].removesuffix(".gz").removesuffix(".nii")
+        # The client's file name goes into a header: keep only harmless characters.
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:200] or "upload"
         headers = self._headers({
             "Content-Disposition": f'attachment; filename="{stem}_mask.nii.gz"',
             "X-Lesion-Volume-Ml": str(stats["volume_ml"]),

@@ -276,3 +276,17 @@ def test_level_read_once_per_visit_and_cached_across_visits(tiny_store):
     take(small, 4 * N_SUBJECTS * 3)
     assert N_SUBJECTS < small.reads <= 3 * N_SUBJECTS  # bounded: evictions happen
     assert small._volumes._bytes <= 2 * one_case
+
+
+def test_stream_from_a_converted_store(synth_store):
+    """The patch stream on ingest's own output (32^3 level of synthetic ISLES cases)."""
+    store = StrokeStore.open(synth_store)
+    train, val = split_subjects(store.subjects(), 0.25, seed=0)
+    assert len(train) == 3 and len(val) == 1
+    cfg = DataConfig(store=synth_store, level="32", patch_size=16, sampler="threshold",
+                     threshold=0.2, samples_per_volume=2)
+    batch = next(iter(make_loader(cfg, train, batch_size=4, seed=0)))
+    assert batch["image"].shape == (4, len(store.modalities), 16, 16, 16)
+    assert batch["mask"].shape == (4, 1, 16, 16, 16)
+    assert set(batch["subject"]) <= set(train)
+    assert all(m.sum() > 0 for m in batch["mask"])  # threshold patches hold lesion

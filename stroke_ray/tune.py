@@ -444,6 +444,67 @@ class _TrialDriver:
         client.set_terminated(run_id, status="FINISHED")
 
 
+def _tune_callback_base():
+    from ray import tune
+
+    return tune.Callback
+
+
+class _TrialCleanup(_tune_callback_base()):
+    """Closes what a trial stopped by Tune (ASHA, a stopper) cannot close itself.
+
+    Tune stops such a trial by ending its driver while the Ray Train run inside is still
+    going, so (1) the trial's MLflow run is left RUNNING and (2) the Train worker group's
+    placement group may outlive it: Ray Train's own cleaner needs the state API, which a
+    local Ray without dashboard does not have, and the leaked CPUs then starve every later
+    trial. Placement groups are released only when no other trial of this sweep is running,
+    so a live trial's workers are never touched; Tune's own trial groups are kept.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_id: str):
+        self.tracking_uri, self.experiment, self.parent_id = tracking_uri, experiment, parent_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trials, trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trials, trial, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        release_orphaned_train_groups()
+
+    def _close(self, trials, trial, status: str) -> None:
+        from stroke_ray.tracking import client_for, find_run
+
+        client = client_for(self.tracking_uri)
+        run_id = find_run(client, self.experiment, f"trial-{trial.trial_id}", self.parent_id)
+        if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+        if not any(t is not trial and t.status == "RUNNING" for t in trials):
+            release_orphaned_train_groups()
+
+
+def release_orphaned_train_groups() -> int:
+    """Remove this job's placement groups other than Tune's trial groups; returns how many.
+
+    Call only when no trial of this job is running (Train groups then have no owner left).
+    """
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        if not pg_id.endswith(job) or info.get("state") not in ("CREATED", "PENDING", "RESCHEDULING"):
+            continue
+        if list(info.get("bundles", {}).values()) == [{"CPU": DRIVER_CPU}]:
+            continue  # a trial driver's own group, Tune manages it
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+        removed += 1
+    return removed
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -628,7 +689,52 @@ def write_report(path: Path, space: SearchSpace, trials: list[TrialSummary], bes
 # --------------------------------------------------------------------------- the sweep
 
 
-def _set_stop_conditions(tuner, stopper, time_budget_s: float | None) -> None:
+def _unfinished_trials(sweep_dir: Path) -> set[str]:
+    """Trial ids that Tune's newest experiment state does not list as TERMINATED."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    unfinished = set()
+    for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+        trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+        if trial.get("status") != "TERMINATED":
+            unfinished.add(trial.get("trial_id"))
+    return unfinished
+
+
+def _reopen_search(sweep_dir: Path, num_samples: int | None) -> None:
+    """Let a restored search generate the trials an interrupted session did not start.
+
+    Tune marks its search as finished when a session is stopped early (stopper, time
+    budget), and restores that flag, so a resumed sweep would never create its missing
+    trials. The flag is cleared (and the total raised when `num_samples` asks for more) in
+    Tune's newest search-generator state file, written the way Tune writes it.
+    """
+    from ray import cloudpickle
+
+    states = sorted(sweep_dir.glob("search_gen_state-*.json"))
+    if not states:
+        return
+    path = states[-1]
+    with open(path, "rb") as f:
+        state = cloudpickle.load(f)
+    total = max(int(state.get("total_samples", 0)), num_samples or 0)
+    state["total_samples"] = total
+    state["finished"] = False
+    # The concurrency limiter may still count a trial that finished as the session stopped
+    # (it never heard of its completion); restored, it would block every new trial.
+    limiter = state.get("name:ConcurrencyLimiter")
+    if isinstance(limiter, dict) and "live_trials" in limiter:
+        unfinished = _unfinished_trials(sweep_dir)
+        limiter["live_trials"] = {t for t in limiter["live_trials"] if t in unfinished}
+        limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    tmp = path.with_name(f"tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        cloudpickle.dump(state, f)
+    os.replace(tmp, path)
+
+
+def _set_stop_conditions(tuner, stopper, time_budget_s: float | None, cleanup) -> None:
     """Give a restored Tuner this session's stop conditions.
 
     Tune restores the stopper and time budget pickled with the interrupted session, which
@@ -638,6 +744,7 @@ def _set_stop_conditions(tuner, stopper, time_budget_s: float | None) -> None:
     if internal is None:  # Ray client mode: keep Tune's restored settings
         return
     internal.get_run_config().stop = stopper
+    internal.get_run_config().callbacks = [cleanup]  # this session's MLflow parent
     internal._tune_config.time_budget_s = time_budget_s
 
 
@@ -704,9 +811,12 @@ def run_sweep(
 
     driver = _TrialDriver(space, base_config.model_dump(), str(sweep_dir), tracking_uri, base_config.experiment, parent_id)
     trainable = tune.with_resources(driver, {"CPU": DRIVER_CPU})
+    cleanup = _TrialCleanup(tracking_uri, base_config.experiment, parent_id)
+    release_orphaned_train_groups()  # left by an interrupted session in this process
     if restoring:
+        _reopen_search(sweep_dir, num_samples)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True, restart_errored=False)
-        _set_stop_conditions(tuner, stopper, time_budget_s)
+        _set_stop_conditions(tuner, stopper, time_budget_s, cleanup)
     else:
         concurrency = max_concurrent or trial_concurrency(probe)
         searcher = OptunaSearch(
@@ -719,7 +829,9 @@ def run_sweep(
             metric=space.metric,
             mode=space.mode,
             time_attr="training_iteration",
-            max_t=probe.epochs,
+            # One past the last epoch: a trial that runs all its epochs ends by itself, so
+            # its Train run shuts down cleanly; only early stops cut a trial short.
+            max_t=probe.epochs + 1,
             grace_period=min(space.grace_period, probe.epochs),
             reduction_factor=space.reduction_factor,
         )
@@ -733,6 +845,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(storage), stop=stopper, verbose=verbose,
+                callbacks=[cleanup],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )

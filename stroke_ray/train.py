@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     multiple = size_multiple(cfg.model)
 
     # resume: from the last checkpoint of this run (worker restart or a re-run of the same name)
-    start_epoch = 0
+    start_epoch, resumed_metrics = 0, {}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -157,6 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
+        resumed_metrics = dict(state.get("metrics") or {})
     model = ray.train.torch.prepare_model(model, move_to_device=False)
 
     # tracking: rank 0 only, explicit run id, params once per run
@@ -166,6 +167,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not client.get_run(run_id).data.params:
             tracking.log_params_flat(client, run_id, cfg.model_dump(mode="json"))
             tracking.log_text(client, run_id, _yaml(cfg), "config.yaml")
+        if resumed_metrics:
+            # A crash between the checkpoint and its MLflow logging would leave a gap in the
+            # curves; the checkpoint carries that epoch's metrics (already-logged ones are skipped).
+            tracking.log_metrics(client, run_id, resumed_metrics, step=start_epoch - 1)
 
     # an endless patch stream; reseeded on resume so a restart does not replay the same patches
     loader = make_loader(

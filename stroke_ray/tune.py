@@ -570,7 +570,7 @@ def _summarise(result, space: SearchSpace) -> TrialSummary:
                 # Prefer the best epoch's checkpoint; Train may have pruned it, then the last.
                 candidates = [row.get(CHECKPOINT_PATH_KEY)] + list(df[CHECKPOINT_PATH_KEY].dropna()[::-1])
                 checkpoint = next((c for c in candidates if isinstance(c, str) and _exists(c)), None)
-    status = "ERROR" if result.error else "TERMINATED"
+    status = "ERROR" if result.error else ("TERMINATED" if epochs else "NOT RUN")
     return TrialSummary(
         trial_id=str(trial_id),
         status=status,
@@ -689,20 +689,20 @@ def write_report(path: Path, space: SearchSpace, trials: list[TrialSummary], bes
 # --------------------------------------------------------------------------- the sweep
 
 
-def _unfinished_trials(sweep_dir: Path) -> set[str]:
-    """Trial ids that Tune's newest experiment state does not list as TERMINATED."""
+def _trial_states(sweep_dir: Path) -> dict[str, tuple[str, bool]]:
+    """trial id -> (status, reported anything) from Tune's newest experiment state."""
     states = sorted(sweep_dir.glob("experiment_state-*.json"))
     if not states:
-        return set()
-    unfinished = set()
+        return {}
+    out = {}
     for entry in json.loads(states[-1].read_text()).get("trial_data", []):
         trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-        if trial.get("status") != "TERMINATED":
-            unfinished.add(trial.get("trial_id"))
-    return unfinished
+        result = sweep_dir / str(trial.get("relative_logdir", "")) / "result.json"
+        out[trial.get("trial_id")] = (trial.get("status"), result.is_file() and result.stat().st_size > 0)
+    return out
 
 
-def _reopen_search(sweep_dir: Path, num_samples: int | None) -> None:
+def _reopen_search(sweep_dir: Path, num_samples: int) -> None:
     """Let a restored search generate the trials an interrupted session did not start.
 
     Tune marks its search as finished when a session is stopped early (stopper, time
@@ -718,14 +718,18 @@ def _reopen_search(sweep_dir: Path, num_samples: int | None) -> None:
     path = states[-1]
     with open(path, "rb") as f:
         state = cloudpickle.load(f)
-    total = max(int(state.get("total_samples", 0)), num_samples or 0)
+    trials = _trial_states(sweep_dir)
+    # A trial the stopped session had only just launched is TERMINATED with no result and
+    # Tune will not run it again: the search makes a replacement for each.
+    never_ran = sum(1 for status, reported in trials.values() if status == "TERMINATED" and not reported)
+    total = max(int(state.get("total_samples", 0)), num_samples + never_ran)
     state["total_samples"] = total
     state["finished"] = False
     # The concurrency limiter may still count a trial that finished as the session stopped
     # (it never heard of its completion); restored, it would block every new trial.
     limiter = state.get("name:ConcurrencyLimiter")
     if isinstance(limiter, dict) and "live_trials" in limiter:
-        unfinished = _unfinished_trials(sweep_dir)
+        unfinished = {t for t, (status, _) in trials.items() if status != "TERMINATED"}
         limiter["live_trials"] = {t for t in limiter["live_trials"] if t in unfinished}
         limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
     tmp = path.with_name(f"tmp-{path.name}")
@@ -814,7 +818,7 @@ def run_sweep(
     cleanup = _TrialCleanup(tracking_uri, base_config.experiment, parent_id)
     release_orphaned_train_groups()  # left by an interrupted session in this process
     if restoring:
-        _reopen_search(sweep_dir, num_samples)
+        _reopen_search(sweep_dir, num_samples or space.num_samples)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True, restart_errored=False)
         _set_stop_conditions(tuner, stopper, time_budget_s, cleanup)
     else:
@@ -877,7 +881,8 @@ def run_sweep(
     for k, v in importances.items():
         client.log_metric(parent_id, f"importance.{k}", v)
     # Unfinished trials (a time budget or stopper hit) leave the parent open for a resume.
-    unfinished = len(trials) < (num_samples or space.num_samples) or any(t.status == "ERROR" for t in trials)
+    ran = [t for t in trials if t.status != "NOT RUN"]
+    unfinished = len(ran) < (num_samples or space.num_samples) or any(t.status == "ERROR" for t in trials)
     if not unfinished:
         client.set_terminated(parent_id, status="FINISHED")
     if verbose:

@@ -856,7 +856,8 @@ def run_sweep(
     grid = tuner.fit()
 
     trials = [_summarise(r, space) for r in grid]
-    scored = [t for t in trials if t.metric is not None and t.checkpoint]
+    # Sorted by trial id so ties (common in tiny sweeps) pick the same trial every time.
+    scored = sorted((t for t in trials if t.metric is not None and t.checkpoint), key=lambda t: t.trial_id)
     best = None
     if scored:
         best = (max if space.mode == "max" else min)(scored, key=lambda t: t.metric)

@@ -122,7 +122,9 @@ def test_best_model_exported_and_registered_as_champion(sweep):
     from stroke_ray.tracking import CHAMPION_ALIAS, REGISTERED_MODEL, resolve_checkpoint
 
     result = sweep["second"]
-    best = max((t for t in result.trials if t.metric is not None), key=lambda t: t.metric)
+    scored = [t for t in result.trials if t.metric is not None]
+    top = max(t.metric for t in scored)
+    best = min((t for t in scored if t.metric == top), key=lambda t: t.trial_id)  # ties: lowest id
     assert result.best.trial_id == best.trial_id
     assert result.best_checkpoint == result.path / "best" / "checkpoint.pt"
     loaded = load_checkpoint(result.best_checkpoint)

@@ -15,7 +15,6 @@ non-zero; module functions raise `StrokeRayError`, this file turns it into that 
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -252,5 +251,5 @@ def serve(
         stop_server()
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    sys.exit(app())
+if __name__ == "__main__":  # python -m stroke_ray.cli
+    app()

@@ -132,10 +132,13 @@ def test_channels_last_3d_matches(arch):
 def test_bfloat16_autocast_trains(arch):
     torch.manual_seed(0)
     model = build_model(_cfg(arch), 1).train()
-    x = torch.randn(1, 1, 8, 8, 8)
+    # 16^3, not 8^3: at 8^3 the deepest level is 2x2x2, and oneDNN's bf16 weight gradient of a
+    # (3,3,1) conv on a 2x2 in-plane input is intermittently NaN (torch 2.13 CPU, AVX512; not
+    # with mkldnn disabled, not in fp32). Training never runs bf16 on the CPU (docs/models.md).
+    x = torch.randn(1, 1, 16, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 8, 8, 8)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 16, 16, 16)
     out.float().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 

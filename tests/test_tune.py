@@ -141,8 +141,12 @@ def test_best_model_exported_and_registered_as_champion(sweep):
         filter_string=f"tags.`{TAG_TRIAL}` = '{best.trial_id}'",
     )[0]
     assert version.run_id == best_run.info.run_id
-    # Both sessions registered the same run once: no second version for a resumed sweep.
-    assert len(client.search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 1
+    # Each session registers its best; a run is registered at most once, so the resumed session
+    # adds a version only if its best trial differs from the first session's.
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    first_run = client.get_model_version(REGISTERED_MODEL, sweep["first"].model_version).run_id
+    assert len({v.run_id for v in versions}) == len(versions)
+    assert len(versions) == (1 if first_run == best_run.info.run_id else 2)
     fetched = resolve_checkpoint(f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}", sweep["uri"])
     assert fetched.read_bytes() == result.best_checkpoint.read_bytes()
 
@@ -159,6 +163,18 @@ def test_report_lists_trials_best_config_and_importances(sweep):
     if result.importances:
         assert abs(sum(result.importances.values()) - 1) < 1e-6
     assert (result.path / "best" / "config.yaml").exists()
+
+
+def test_resuming_a_finished_sweep_registers_nothing_new(sweep):
+    from stroke_ray.tracking import CHAMPION_ALIAS, REGISTERED_MODEL
+
+    client = _client(sweep["uri"])
+    before = sorted(v.version for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'"))
+    again = run_sweep(**sweep["kwargs"], resume=True)
+    assert again.best.trial_id == sweep["second"].best.trial_id
+    assert again.model_version == sweep["second"].model_version
+    assert sorted(v.version for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")) == before
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION_ALIAS).version == int(again.model_version)
 
 
 def test_existing_sweep_needs_resume(sweep):

@@ -20,6 +20,16 @@ LossName = Literal["dice_bce", "gdl_ce", "gdl_ce_log", "dice_ce", "dice", "bce",
 SamplerName = Literal["uniform", "threshold", "threshold_cube", "foreground"]
 
 
+def read_yaml(path: Path, kind: str):
+    """The parsed YAML in `path`; a missing file or a syntax error raises ConfigError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such {kind}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -94,13 +104,7 @@ class TrainConfig(_Strict):
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         """Load and validate a YAML config file; errors name the file and the field."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such config file") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_yaml(path, "config file") or {}, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":

@@ -36,7 +36,13 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from stroke_ray.errors import InputFileError, StrokeRayError
-from stroke_ray.predict import DEFAULT_MODEL_REF, Segmenter, lesion_stats, like_reference, nifti_bytes
+from stroke_ray.predict import (
+    DEFAULT_MODEL_REF,
+    Segmenter,
+    lesion_stats,
+    like_reference,
+    nifti_bytes,
+)
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
 DEFAULT_APP_NAME = "stroke-ray"

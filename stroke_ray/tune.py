@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from stroke_ray.config import TrainConfig
+from stroke_ray.config import TrainConfig, read_yaml
 from stroke_ray.errors import ConfigError, StrokeRayError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "intlog")
@@ -144,13 +144,7 @@ class SearchSpace:
     def load(cls, path: str | Path) -> "SearchSpace":
         """Read and validate a YAML search space; errors name the file and the parameter."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such search-space file") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_yaml(path, "search-space file"), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "search space") -> "SearchSpace":
@@ -491,7 +485,11 @@ def release_orphaned_train_groups() -> int:
     """
     import ray
     from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
@@ -775,14 +773,19 @@ def run_sweep(
     trials are kept, unfinished and errored ones run again) and starts afresh otherwise.
     `time_budget_s` / `stopper` end a sweep early; it can then be resumed.
     """
+    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-    import optuna
 
     from stroke_ray.raycluster import connect
-    from stroke_ray.tracking import client_for, default_tracking_uri, get_or_create_experiment, log_params_flat
+    from stroke_ray.tracking import (
+        client_for,
+        default_tracking_uri,
+        get_or_create_experiment,
+        log_params_flat,
+    )
 
     started = time.time()
     space = SearchSpace.load(space_file)

@@ -10,7 +10,7 @@ import yaml
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError
-from stroke_ray.tune import SearchSpace, param_importances, TrialSummary
+from stroke_ray.tune import SearchSpace, TrialSummary, param_importances
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 optuna.logging.set_verbosity(optuna.logging.WARNING)

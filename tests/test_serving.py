@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import socket
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-
 from test_predict import case_files, make_checkpoint
 
 LIMIT = 16 * 1024**2  # the three sample files are ~6 MB together

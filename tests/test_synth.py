@@ -170,4 +170,4 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
     result = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "y"), "--layout", "brats"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: unknown layout 'brats'; expected one of isles22, atlas"]
+    assert result.output.strip().splitlines() == ["error: unknown layout 'brats'; expected one of isles22, atlas"]

@@ -98,7 +98,7 @@ def main() -> None:
 
         generate_dataset(work / "data", num_cases=4, seed=0, progress=False)
         store = str(work / "synth.zarr")
-        convert_dataset(str(work / "data"), store, levels=[32], progress=False)
+        convert_dataset(str(work / "data"), store, levels=[64], progress=False)
 
     space_file = _derived_space(Path(args.space), args.epochs, args.steps, work / "space.yaml")
     space = SearchSpace.load(space_file)

@@ -17,7 +17,7 @@ from pathlib import Path
 from stroke_ray.config import TrainConfig
 
 SMOKE_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
-DEMO_LEVEL = 32
+DEMO_LEVEL = 64
 
 
 @dataclass
@@ -41,9 +41,11 @@ class DemoResult:
             f"predictions  {self.predictions}",
         ]
         for row in self.metrics:
+            truth = row.get("truth_volume_ml")
             lines.append(
                 f"  {row['subject']}: dice {float(row.get('dice', 'nan')):.3f}, "
                 f"lesion volume {float(row.get('volume_ml', 'nan')):.2f} ml"
+                + (f" (truth {float(truth):.2f} ml)" if truth is not None else "")
             )
         lines.append("times        " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         lines.append(f"MLflow UI    mlflow ui --backend-store-uri {db}")
@@ -105,7 +107,10 @@ def run_demo(
     t = time.perf_counter()
     base = TrainConfig.from_dict({
         "name": "demo",
-        "data": {"store": str(store)},
+        # Long enough for the smoke models to find lesions (the space fixes the search only).
+        "data": {"store": str(store), "level": str(DEMO_LEVEL)},
+        "steps_per_epoch": 40,
+        "batch_size": 2,
         "storage_path": str(work / "runs"),
         "tracking_uri": tracking_uri,
         "experiment": "stroke-ray-demo",
@@ -125,20 +130,13 @@ def run_demo(
     t = time.perf_counter()
     cfg = sweep.best_config
     cases, _ = discover(dataset, layout="isles22")
-    by_subject = {c.subject: c for c in cases}
-    _, val = split_subjects(sorted(by_subject), cfg.data.val_fraction, cfg.data.split_seed)
+    _, val = split_subjects(sorted(c.subject for c in cases), cfg.data.val_fraction, cfg.data.split_seed)
     out = work / "predictions"
-    rows: list[dict] = []
-    for subject in val:
-        case = by_subject[subject]
-        rep = predict_dataset(
-            {m: str(p) for m, p in case.images.items()}, model_ref=str(sweep.best_checkpoint),
-            output_dir=out, tracking_uri=tracking_uri, mask=case.mask, progress=False,
-        )
-        for row in rep.rows:
-            rows.append({**row, "subject": subject})
-        for problem in rep.failed:
-            say(f"prediction failed: {problem}")
+    rep = predict_dataset(dataset, model_ref=str(sweep.best_checkpoint), output_dir=out,
+                          tracking_uri=tracking_uri, subjects=val, progress=False)
+    rows: list[dict] = list(rep.rows)
+    for problem in rep.failed:
+        say(f"prediction failed: {problem}")
     seconds["predict"] = time.perf_counter() - t
 
     result = DemoResult(

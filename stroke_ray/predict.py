@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -292,11 +292,12 @@ def predict_dataset(
     progress: bool = True,
     mask: str | Path | None = None,
     threshold: float = 0.5,
+    subjects: Sequence[str] | None = None,
 ) -> PredictReport:
     """Predict a lesion mask for every case of `inputs`, written in the case's own space.
 
     `inputs` is a dataset folder or {modality: file} for one case (`mask` optionally gives
-    that case's ground truth for metrics). `modalities` checks the channels against the
+    that case's ground truth for metrics); `subjects` keeps only those cases of a folder. `modalities` checks the channels against the
     checkpoint's (default: the checkpoint's own list). Unreadable cases are reported in
     the result and skipped; only a bad model or output folder raises.
     """
@@ -315,6 +316,12 @@ def predict_dataset(
         )
     cases, failed = _cases_for(inputs, needed, mask)
     failed = list(failed)
+    if subjects is not None:
+        wanted = list(dict.fromkeys(subjects))
+        found = {c.subject for c in cases} | {p.subject for p in failed}
+        failed = [p for p in failed if p.subject in wanted]
+        failed += [Problem(s, str(inputs), "no such subject in the dataset") for s in wanted if s not in found]
+        cases = [c for c in cases if c.subject in wanted]
     if not cases and not failed:
         raise InputFileError(str(inputs), "no cases found")
 

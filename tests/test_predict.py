@@ -118,6 +118,17 @@ def test_truncated_case_is_reported_and_skipped(mixed_run):
         "predictions.csv", "predictions.json", "sub-strokecase0009_mask.nii.gz"]
 
 
+def test_subjects_keep_only_those_cases_and_name_unknown_ones(mixed_dataset, checkpoint, tmp_path):
+    report = predict_dataset(mixed_dataset, str(checkpoint), tmp_path / "out", progress=False,
+                             subjects=["sub-strokecase0009", "sub-strokecase0404"])
+    assert [r["subject"] for r in report.rows] == ["sub-strokecase0009"]
+    # The truncated case was not asked for, so it is not reported; the unknown one is.
+    assert [(p.subject, p.problem) for p in report.failed] == [
+        ("sub-strokecase0404", "no such subject in the dataset")]
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [r["subject"] for r in rows] == ["sub-strokecase0009"]
+
+
 def test_explicit_files_with_a_known_mask_and_probability(isles_sample, tmp_path):
     # A constant logit of +20 marks every voxel: the whole field of view is "lesion".
     ckpt = make_checkpoint(tmp_path / "ckpt", level="native", patch=32, bias=20.0)

@@ -52,7 +52,10 @@ def sweep(synth_store, ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    base = TrainConfig.from_dict({"data": {"store": synth_store}, "experiment": "sweep-test"})
+    base = TrainConfig.from_dict({
+        "data": {"store": synth_store, "level": "32"}, "experiment": "sweep-test",
+        "steps_per_epoch": 3, "batch_size": 1, "val_max_subjects": 1,
+    })
     space = SearchSpace.load(SMOKE)
     kwargs = dict(space_file=SMOKE, base_config=base, name="smoke", storage_path=str(root / "runs"),
                   tracking_uri=uri, num_samples=2, seed=0, verbose=0)

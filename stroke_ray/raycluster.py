@@ -10,8 +10,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -
 
     `address` (or the RAY_ADDRESS environment variable) joins an existing cluster, e.g.
     "auto" on a cluster node or "ray://head:10001" from outside. Without one, a local Ray
-    starts with `num_cpus` CPUs (all by default) and no dashboard, which keeps start-up
-    short on a laptop.
+    starts with `num_cpus` CPUs (all by default) and its dashboard on 127.0.0.1 (port 8265,
+    or the next free one).
     """
     import ray
 
@@ -22,5 +22,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -
         ray.init(address=address, **kwargs)
     else:
         # address="local" always starts a fresh instance; without it Ray would attach to
-        # whatever cluster another process on this machine happens to be running.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # whatever cluster another process on this machine happens to be running. The
+        # dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+        # every few seconds: without it the cleaner cannot see a dead controller and logs a
+        # warning at each poll (measured: +2 s at start-up, 5.0 s instead of 2.8 s).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)

@@ -79,8 +79,8 @@ def validate(
 ) -> tuple[dict[str, float], int, tuple | None]:
     """ISLES metrics summed over whole `subjects` volumes at the training level.
 
-    Returns (sums per metric, number of subjects, (subject, image, truth, pred) of the first
-    subject for overlay images).
+    Returns (sums per metric, number of subjects, (subject, image, truth, pred) of the
+    subject with the most lesion, truth or predicted, for overlay images).
     """
     from stroke_ray.grid import spacing_of
     from stroke_ray.inference import sliding_window_predict
@@ -88,7 +88,7 @@ def validate(
 
     level = cfg.data.level
     sums = {k: 0.0 for k in VAL_KEYS}
-    example = None
+    example, example_voxels = None, -1
     model.eval()
     for subject in subjects:
         image = store.normalise(subject, np.asarray(store.image(subject, level)[...]))
@@ -101,8 +101,10 @@ def validate(
         scores = isles_metrics(pred, truth, spacing_of(store.affine(subject, level)))
         for k in VAL_KEYS:
             sums[k] += float(scores[k])
-        if example is None:
-            example = (subject, image, truth, pred)
+        # The overlay should show a lesion: a held-out case without one draws empty slices.
+        voxels = int(np.count_nonzero(truth)) + int(np.count_nonzero(pred))
+        if voxels > example_voxels:
+            example, example_voxels = (subject, image, truth, pred), voxels
     return sums, len(subjects), example
 
 

@@ -158,3 +158,28 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_local, tiny_store, tmp
     # The restarted group resumed: epoch 0 was trained once, epoch 1 once.
     epochs = result.metrics_dataframe["epoch"].tolist()
     assert epochs == [0, 1]
+
+
+def test_validation_overlay_shows_the_case_with_the_most_lesion(tmp_path):
+    from stroke_ray.models import build_model, size_multiple
+    from stroke_ray.train import validate
+
+    url = str(tmp_path / "val.zarr")
+    store = StrokeStore.create(url, ["dwi"], ["32"])
+    affine = cube_affine((32, 32, 32), np.diag([-2.0, 2.0, 2.0, 1.0]), 32)
+    for name, edge in (("sub-empty", 0), ("sub-big", 8), ("sub-small", 2)):
+        mask = np.zeros((32, 32, 32), np.uint8)
+        mask[10:10 + edge, 10:10 + edge, 10:10 + edge] = 1
+        store.write_subject(
+            name, {"32": LevelArrays(image=np.zeros((1, 32, 32, 32), np.float32), mask=mask, affine=affine)},
+            {"norm": {"mean": [0.0], "std": [1.0], "region": "brain"}},
+        )
+    cfg = tiny_config(url, tmp_path)
+    model = build_model(cfg.model, in_channels=1)
+    with torch.no_grad():  # a model that predicts no lesion anywhere
+        model.head.weight.zero_()
+        model.head.bias.fill_(-10.0)
+    sums, count, example = validate(model, StrokeStore.open(url), ["sub-empty", "sub-small", "sub-big"], cfg,
+                                    torch.device("cpu"), False, size_multiple(cfg.model))
+    assert count == 3 and example[0] == "sub-big" and int(example[2].sum()) == 512
+    assert sums["dice"] == pytest.approx(1.0)  # empty vs empty is 1, the two misses are 0

@@ -273,20 +273,26 @@ def _absolute(path: str) -> str:
     return path if _is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def check_inputs(cfg: TrainConfig) -> None:
-    """Fail in the driver, with one clear line, on a config the workers could not train."""
-    from stroke_ray.models import size_multiple
+def check_store(url: str, level: str) -> None:
+    """Fail with one clear line unless `url` opens, has 2+ complete subjects and `level`."""
     from stroke_ray.store import StrokeStore
 
     try:
-        store = StrokeStore.open(cfg.data.store)
+        store = StrokeStore.open(url)
     except (FileNotFoundError, ValueError) as exc:
-        raise StrokeRayError(f"{cfg.data.store}: cannot open the training store ({exc})") from exc
+        raise StrokeRayError(f"{url}: cannot open the training store ({exc})") from exc
     subjects = store.subjects()
     if len(subjects) < 2:
-        raise StrokeRayError(f"{cfg.data.store}: needs at least 2 complete subjects to train and validate, has {len(subjects)}")
-    if cfg.data.level not in store.levels:
-        raise ConfigError(f"data.level: {cfg.data.level!r} is not in the store (levels: {', '.join(store.levels)})")
+        raise StrokeRayError(f"{url}: needs at least 2 complete subjects to train and validate, has {len(subjects)}")
+    if level not in store.levels:
+        raise ConfigError(f"data.level: {level!r} is not in the store {url} (levels: {', '.join(store.levels)})")
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Fail in the driver, with one clear line, on a config the workers could not train."""
+    from stroke_ray.models import size_multiple
+
+    check_store(cfg.data.store, cfg.data.level)
     multiple = size_multiple(cfg.model)
     if cfg.data.patch_size % multiple:
         raise ConfigError(f"data.patch_size: {cfg.data.patch_size} is not a multiple of {multiple} (2 ** (len(model.widths) - 1))")

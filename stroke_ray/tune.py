@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -230,6 +231,15 @@ class SearchSpace:
             for other, other_value in implied.get(value, {}).items() if _primitive(value) else ():
                 _set_path(tree, other, other_value)
         return TrainConfig.from_dict(tree, source=f"{self.source}: trial config")
+
+    def levels(self, base: TrainConfig) -> set[str]:
+        """Every store level a trial of this space can train on."""
+        found = {self.trial_config(base, {}).data.level}
+        for p in self.parameters:
+            if p.name == "data.level":
+                found |= {str(v) for v in p.values}
+            found |= {str(v["data.level"]) for v in p.implies.values() if "data.level" in v}
+        return found
 
 
 def _examples() -> str:
@@ -548,6 +558,13 @@ class SweepResult:
         return "\n".join(lines)
 
 
+def _error_line(error: BaseException) -> str:
+    """The exception line of a trial's error (Ray puts the task name and traceback first)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _summarise(result, space: SearchSpace) -> TrialSummary:
     """One Tune Result -> the trial's best epoch (by the space's metric) and its checkpoint."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
@@ -576,7 +593,7 @@ def _summarise(result, space: SearchSpace) -> TrialSummary:
         metric=metric,
         epochs=epochs,
         checkpoint=checkpoint,
-        error=str(result.error).splitlines()[0] if result.error else None,
+        error=_error_line(result.error) if result.error else None,
     )
 
 
@@ -786,6 +803,7 @@ def run_sweep(
         get_or_create_experiment,
         log_params_flat,
     )
+    from stroke_ray.train import check_store
 
     started = time.time()
     space = SearchSpace.load(space_file)
@@ -797,8 +815,10 @@ def run_sweep(
     if "://" not in store and not Path(store).is_absolute():
         base_config = base_config.model_copy(deep=True)
         base_config.data.store = str(Path(store).resolve())
-    # The trials' configs must validate before any compute is spent on them.
+    # The trials' configs and the store must validate before any compute is spent on them.
     probe = space.trial_config(base_config, {})
+    for level in sorted(space.levels(base_config)):
+        check_store(probe.data.store, level)
 
     connect(address)
     restoring = resume and tune.Tuner.can_restore(str(sweep_dir))

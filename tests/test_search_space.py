@@ -165,3 +165,22 @@ def test_importances_need_two_finished_trials():
     imp = param_importances(space, many)
     assert imp and set(imp) <= {p.name for p in space.parameters}
     assert abs(sum(imp.values()) - 1.0) < 1e-6
+
+
+def test_levels_a_space_can_train_on():
+    base = TrainConfig()
+    assert SearchSpace.load(SPACES / "default.yaml").levels(base) == {"64", "128"}
+    assert SearchSpace.load(SPACES / "seed_replication.yaml").levels(base) == {"64", "128"}
+    smoke = SearchSpace.load(SPACES / "smoke.yaml")
+    assert smoke.levels(base) == {"64"}
+    assert smoke.levels(TrainConfig.from_dict({"data": {"level": "32"}})) == {"32"}
+
+
+def test_trial_error_line_is_the_exception_not_the_task_header():
+    from stroke_ray.tune import _error_line
+
+    err = RuntimeError(
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=x)\n  File \"a.py\", line 3, in f\n"
+        "    raise StrokeRayError(msg)\nstroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2\n\n"
+    )
+    assert _error_line(err) == "stroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2"

@@ -180,6 +180,16 @@ def test_resuming_a_finished_sweep_registers_nothing_new(sweep):
     assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION_ALIAS).version == int(again.model_version)
 
 
+def test_store_without_a_searched_level_is_refused_before_any_trial(synth_store, tmp_path):
+    from stroke_ray.errors import ConfigError
+
+    base = TrainConfig.from_dict({"data": {"store": synth_store}})  # smoke trains on 64 by default
+    with pytest.raises(ConfigError, match=r"data.level: '64' is not in the store .*levels: native, 32"):
+        run_sweep(SMOKE, base, name="no-level", storage_path=str(tmp_path / "runs"),
+                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_existing_sweep_needs_resume(sweep):
     with pytest.raises(StrokeRayError, match="already exists there; resume it"):
         run_sweep(**sweep["kwargs"])

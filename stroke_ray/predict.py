@@ -297,9 +297,10 @@ def predict_dataset(
     """Predict a lesion mask for every case of `inputs`, written in the case's own space.
 
     `inputs` is a dataset folder or {modality: file} for one case (`mask` optionally gives
-    that case's ground truth for metrics); `subjects` keeps only those cases of a folder. `modalities` checks the channels against the
-    checkpoint's (default: the checkpoint's own list). Unreadable cases are reported in
-    the result and skipped; only a bad model or output folder raises.
+    that case's ground truth for metrics); `subjects` keeps only those cases of a folder.
+    `modalities` checks the channels against the checkpoint's (default: the checkpoint's
+    own list). Unreadable cases are reported in the result and skipped; only a bad model or
+    output folder raises.
     """
     from tqdm.auto import tqdm
 

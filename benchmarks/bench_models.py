@@ -107,7 +107,10 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
                                      capture_output=True, text=True)
                 if out.returncode:
-                    rows.append({**spec, "error": out.stderr.strip().splitlines()[-1]})
+                    lines = out.stderr.strip().splitlines()
+                    # SIGKILL with nothing on stderr: the kernel's OOM killer (or a memory cgroup).
+                    why = lines[-1] if lines else f"killed by signal {-out.returncode}, out of memory?"
+                    rows.append({**spec, "error": why})
                 else:
                     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]

@@ -78,7 +78,7 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
 
     from stroke_ray.cli import app
 
-    work, dataset = Path(sys.argv[1]), Path(sys.argv[2])
+    work, dataset, REPO = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     clock = time.perf_counter()
     seconds = {}
 
@@ -118,8 +118,13 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
         (work / "train.yaml").write_text(yaml.safe_dump(config))
         trained = cli("train", "-c", work / "train.yaml", "--address", address)
         lap("train")
-        run_id = re.search(r"mlflow run: (\w+)", trained).group(1)
-        out["model_ref"] = f"runs:/{run_id}/model"
+        out["train_run"] = re.search(r"mlflow run: (\w+)", trained).group(1)
+        tuned = cli("tune", "-s", REPO / "search_spaces" / "smoke.yaml", "-c", work / "train.yaml",
+                    "--name", "cluster-sweep", "--storage", work / "runs", "--num-samples", 1,
+                    "--tracking-uri", config["tracking_uri"], "--address", address)
+        lap("tune")
+        out["registered"] = re.search(r"registered: (\S+)", tuned).group(1)
+        out["model_ref"] = "models:/stroke-ray-segmenter@champion"
 
         from stroke_ray.serving import start_server, stop_server
 
@@ -139,18 +144,20 @@ MULTI_NODE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_convert_train_serve_on_a_two_node_cluster(tmp_path, synth_dataset):
+def test_convert_train_tune_serve_on_a_two_node_cluster(tmp_path, synth_dataset):
     script = tmp_path / "multi_node.py"
     script.write_text(MULTI_NODE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TQDM_DISABLE"] = "1"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(synth_dataset)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(synth_dataset), str(REPO)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and result_lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(result_lines[-1][len("RESULT "):])
     print("multi-node steps (s):", result["seconds"])
     assert result["nodes"] == 2
+    assert result["registered"] == result["model_ref"]  # the sweep's best became the champion
+    assert (tmp_path / "runs" / "cluster-sweep" / "best" / "checkpoint.pt").is_file()
     assert result["healthz"]["status"] == "ok"
     assert result["healthz"]["model"] == result["model_ref"]
     assert (tmp_path / "store.zarr").is_dir() and (tmp_path / "mlflow.db").is_file()

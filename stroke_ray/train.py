@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -273,8 +273,8 @@ def _absolute(path: str) -> str:
     return path if _is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def check_store(url: str, level: str) -> None:
-    """Fail with one clear line unless `url` opens, has 2+ complete subjects and `level`."""
+def check_store(url: str, levels: Iterable[str]) -> None:
+    """Fail with one clear line unless `url` opens, has 2+ complete subjects and every level."""
     from stroke_ray.store import StrokeStore
 
     try:
@@ -284,15 +284,16 @@ def check_store(url: str, level: str) -> None:
     subjects = store.subjects()
     if len(subjects) < 2:
         raise StrokeRayError(f"{url}: needs at least 2 complete subjects to train and validate, has {len(subjects)}")
-    if level not in store.levels:
-        raise ConfigError(f"data.level: {level!r} is not in the store {url} (levels: {', '.join(store.levels)})")
+    for level in levels:
+        if level not in store.levels:
+            raise ConfigError(f"data.level: {level!r} is not in the store {url} (levels: {', '.join(store.levels)})")
 
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Fail in the driver, with one clear line, on a config the workers could not train."""
     from stroke_ray.models import size_multiple
 
-    check_store(cfg.data.store, cfg.data.level)
+    check_store(cfg.data.store, [cfg.data.level])
     multiple = size_multiple(cfg.model)
     if cfg.data.patch_size % multiple:
         raise ConfigError(f"data.patch_size: {cfg.data.patch_size} is not a multiple of {multiple} (2 ** (len(model.widths) - 1))")

@@ -817,8 +817,7 @@ def run_sweep(
         base_config.data.store = str(Path(store).resolve())
     # The trials' configs and the store must validate before any compute is spent on them.
     probe = space.trial_config(base_config, {})
-    for level in sorted(space.levels(base_config)):
-        check_store(probe.data.store, level)
+    check_store(probe.data.store, sorted(space.levels(base_config)))
 
     connect(address)
     restoring = resume and tune.Tuner.can_restore(str(sweep_dir))

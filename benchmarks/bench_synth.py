@@ -31,6 +31,7 @@ from scipy import ndimage  # noqa: E402
 
 from stroke_ray import synth  # noqa: E402
 from stroke_ray.grid import resample  # noqa: E402
+from stroke_ray.synth.cases import isles_grids  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isles22-sample"
 
@@ -50,7 +51,7 @@ def naive_case(index: int, seed: int = 0) -> None:
     rng = np.random.default_rng([seed, index, 0])
     transform = synth.SubjectTransform.random(rng, 4.0, 0.08, 4.0, 2.0, anatomy.centre,
                                               mean_scale=synth.BRAIN_SCALE)
-    grids = synth._isles_grids(rng, transform.matrix[:3, :3] @ anatomy.centre + transform.matrix[:3, 3])
+    grids = isles_grids(rng, transform.matrix[:3, :3] @ anatomy.centre + transform.matrix[:3, 3])
     # 1 mm subject-space box: the template box moved by the subject transform.
     box_affine = transform.matrix @ anatomy.affine
     to_template = np.linalg.inv(anatomy.affine) @ np.linalg.inv(transform.matrix) @ box_affine

@@ -1,0 +1,134 @@
+"""One synthetic case in memory: its grids, anatomy, lesions and images, drawn from its own
+random stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stroke_ray.errors import StrokeRayError
+from stroke_ray.synth.anatomy import (
+    Grid,
+    Sampled,
+    SubjectTransform,
+    mni_anatomy,
+    rotation,
+    sample_anatomy,
+)
+from stroke_ray.synth.contrast import CONTRASTS, FLAIR_MISMATCH_P, render
+from stroke_ray.synth.lesions import LESION_CLASSES, lesion_map
+
+__all__ = ["BRAIN_SCALE", "LAYOUTS", "SynthCase", "check_layout", "isles_grids", "subject_id", "synth_case"]
+
+LAYOUTS = ("isles22", "atlas")
+BRAIN_SCALE = 0.92
+
+
+@dataclass
+class SynthCase:
+    """One generated case in memory: images on their own grids, mask on the reference grid."""
+
+    subject: str
+    layout: str
+    images: dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (array float32, affine)
+    mask: np.ndarray
+    mask_affine: np.ndarray
+    lesion_class: str
+    info: dict  # JSON-able description of what was drawn
+
+
+def subject_id(index: int, layout: str = "isles22") -> str:
+    """Folder name of case `index` (0-based): sub-strokecase0001, or sub-r001s001 for ATLAS."""
+    if layout == "atlas":
+        return f"sub-r{1 + index // 999:03d}s{1 + index % 999:03d}"
+    return f"sub-strokecase{index + 1:04d}"
+
+
+def synth_case(index: int, layout: str = "isles22", seed: int = 0) -> SynthCase:
+    """Draw case `index` of the dataset with `seed` (independent of how many are drawn)."""
+    check_layout(layout)
+    if int(seed) < 0 or int(index) < 0:
+        raise StrokeRayError(f"seed and case index must be non-negative, got seed={seed}, index={index}")
+    rng = np.random.default_rng([int(seed), int(index), LAYOUTS.index(layout)])
+    anatomy = mni_anatomy()
+    centre = anatomy.centre
+    lesion_class = LESION_CLASSES[index % len(LESION_CLASSES)]
+
+    if layout == "atlas":
+        # ATLAS images are registered to MNI: only residual misregistration remains.
+        transform = SubjectTransform.random(rng, 1.5, 0.03, 1.0, 1.0, centre)
+        grids = {"t1w": Grid(anatomy.template.shape, anatomy.template.affine.copy())}
+        reference = "t1w"
+    else:
+        # The template brain (1.9 l inside its mask) is larger than a typical stroke
+        # patient's (the real ISLES'22 sample: 1.45 l): shrink by 8 % on average.
+        transform = SubjectTransform.random(rng, 4.0, 0.08, 4.0, 2.0, centre, mean_scale=BRAIN_SCALE)
+        grids = isles_grids(rng, transform.matrix[:3, :3] @ centre + transform.matrix[:3, 3])
+        reference = "dwi"
+
+    lesion, lesion_box, lesions = lesion_map(anatomy, rng, lesion_class)
+    factors = {m: float(rng.uniform(*CONTRASTS[m].lesion)) for m in grids}
+    mismatch = layout == "isles22" and rng.random() < FLAIR_MISMATCH_P
+    if mismatch:
+        factors["flair"] = float(rng.uniform(1.0, 1.04))
+
+    images: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sampled: dict[bytes, Sampled] = {}
+    for modality, grid in grids.items():
+        key = grid.affine.tobytes() + np.asarray(grid.shape).tobytes()
+        if key not in sampled:  # DWI and ADC share a grid: sample the anatomy once
+            sampled[key] = sample_anatomy(anatomy, transform, grid, lesion, lesion_box)
+        values = render(modality, sampled[key], factors[modality], rng)
+        images[modality] = (sampled[key].volume(values), grid.affine)
+    ref = sampled[grids[reference].affine.tobytes() + np.asarray(grids[reference].shape).tobytes()]
+    dtype = np.uint16 if layout == "isles22" else np.uint8  # as the real releases store them
+    mask = ref.volume(ref.lesion >= 0.5, dtype)
+    if not mask.any():  # a dot may cover under half of every voxel: keep its peak voxel
+        mask.flat[ref.flat[int(np.argmax(ref.lesion))]] = 1
+
+    voxel_ml = float(np.abs(np.linalg.det(grids[reference].affine[:3, :3]))) / 1000.0
+    info = {
+        "lesion_class": lesion_class,
+        "lesions": lesions,
+        "lesion_ml": round(float(mask.sum()) * voxel_ml, 3),
+        "lesion_factor": {m: round(f, 3) for m, f in factors.items()},
+        "flair_mismatch": bool(mismatch),
+    }
+    return SynthCase(subject_id(index, layout), layout, images, mask, grids[reference].affine,
+                     lesion_class, info)
+
+
+def check_layout(layout: str) -> None:
+    """Raises: StrokeRayError if `layout` is not one of LAYOUTS."""
+    if layout not in LAYOUTS:
+        raise StrokeRayError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def _grid_around(centre: np.ndarray, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                 angles_deg: np.ndarray) -> Grid:
+    """A LAS grid (first axis right-to-left, like the ISLES'22 files) centred on `centre`."""
+    direction = rotation(np.deg2rad(angles_deg)) @ np.diag([-1.0, 1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(spacing)
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return Grid(tuple(int(s) for s in shape), np.round(affine, 6))
+
+
+def isles_grids(rng: np.random.Generator, brain_centre: np.ndarray) -> dict[str, Grid]:
+    """DWI/ADC on one ~2 mm grid; FLAIR on its own thin in-plane, 5 mm slice grid."""
+    # Slices are often tilted along the AC-PC line: a pitch of up to ~12 degrees.
+    tilt = np.array([rng.uniform(-12.0, 12.0), rng.uniform(-3.0, 3.0), rng.uniform(-3.0, 3.0)])
+    inplane = round(float(rng.uniform(1.9, 2.1)), 3)
+    slice_mm = float(rng.choice([2.0, 2.0, 2.2]))
+    matrix = int(rng.choice([104, 112, 112, 120]))
+    n_slices = int(round(146.0 / slice_mm)) + int(rng.integers(-2, 3))
+    dwi = _grid_around(brain_centre + rng.uniform(-5, 5, 3), (matrix, matrix, n_slices),
+                       (inplane, inplane, slice_mm), tilt)
+    # FLAIR: 256 x 256 at ~0.9 mm in-plane (the real scans are often 512 x 512 at 0.45 mm;
+    # half the matrix keeps generation fast and still 2x finer than DWI), 5 mm slices,
+    # planned a little differently from the DWI.
+    flair_inplane = round(float(rng.uniform(0.86, 0.94)), 3)
+    flair = _grid_around(brain_centre + rng.uniform(-6, 6, 3), (256, 256, 29 + int(rng.integers(-2, 3))),
+                         (flair_inplane, flair_inplane, 5.0), tilt + rng.uniform(-3.0, 3.0, 3))
+    return {"dwi": dwi, "adc": dwi, "flair": flair}

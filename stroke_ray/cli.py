@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import typer
 
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.nifti import GIB, ImageLimits
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +29,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distributed training, tuning and serving of 3D stroke-lesion segmentation.",
 )
+
+
+# What an image header may declare, shared by every command that reads images
+# (`nifti.ImageLimits` validates them; `_limits` builds it).
+_DEFAULT_LIMITS = ImageLimits()
+MAX_DIM_OPTION = typer.Option(_DEFAULT_LIMITS.max_dim, "--max-dim", help="Largest image size per axis, in voxels.")
+MAX_IMAGE_GIB_OPTION = typer.Option(
+    _DEFAULT_LIMITS.max_decoded_bytes / GIB, "--max-image-gib", help="Largest decoded image file, in GiB."
+)
+VOXEL_RANGE_OPTION = typer.Option(
+    f"{_DEFAULT_LIMITS.min_voxel_mm:g},{_DEFAULT_LIMITS.max_voxel_mm:g}", "--voxel-range-mm",
+    help="Allowed voxel sizes MIN,MAX in mm.",
+)
+
+
+def _limits(max_dim: int, max_image_gib: float, voxel_range_mm: str) -> ImageLimits:
+    return ImageLimits.from_cli(max_dim, max_image_gib, voxel_range_mm)
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -78,6 +96,9 @@ def convert(
     parallel: bool = typer.Option(
         True, "--parallel/--in-process", help="One Ray task per subject, or convert in this process."
     ),
+    max_dim: int = MAX_DIM_OPTION,
+    max_image_gib: float = MAX_IMAGE_GIB_OPTION,
+    voxel_range_mm: str = VOXEL_RANGE_OPTION,
 ) -> None:
     """Convert a NIfTI dataset into a Zarr store (resumable, parallel on Ray).
 
@@ -96,6 +117,7 @@ def convert(
         num_cpus=num_cpus,
         progress=True,
         parallel=parallel,
+        limits=_limits(max_dim, max_image_gib, voxel_range_mm),
     )
     typer.echo(report.summary())
     if report.failed:
@@ -196,6 +218,9 @@ def predict(
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability threshold of the mask."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if present)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+    max_dim: int = MAX_DIM_OPTION,
+    max_image_gib: float = MAX_IMAGE_GIB_OPTION,
+    voxel_range_mm: str = VOXEL_RANGE_OPTION,
 ) -> None:
     """Predict lesion masks for new cases, written in each case's own space."""
     from stroke_ray.predict import predict_dataset
@@ -206,6 +231,7 @@ def predict(
     report = predict_dataset(
         files or input, model, output, tracking_uri=tracking_uri, save_probability=probability,
         device=device, progress=True, mask=mask, threshold=threshold,
+        limits=_limits(max_dim, max_image_gib, voxel_range_mm),
     )
     typer.echo(report.summary())
     if report.failed and not report.predicted:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from stroke_ray.datasets import CaseFiles, Problem, detect_layout, discover, resolve_modalities
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
+from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
 from stroke_ray.store import NATIVE, LevelArrays, StrokeStore
 
 NORMALIZATIONS = ("zscore", "none")
@@ -57,72 +57,28 @@ def sha256_of(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _affine_problem(affine: np.ndarray) -> str | None:
-    if not np.all(np.isfinite(affine)):
-        return "degenerate affine (non-finite values in the voxel-to-world matrix)"
-    spacing = spacing_of(affine)
-    if np.any(spacing < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(spacing)):
-        return "degenerate affine (singular voxel-to-world matrix, e.g. a zero voxel size)"
-    return None
+def _describe(vol: NiftiRead) -> dict[str, Any]:
+    """A source file as the store records it."""
+    return {
+        "path": vol.source,
+        "sha256": vol.sha256,
+        "shape": list(vol.data.shape),
+        "affine": vol.affine.tolist(),
+        "spacing": spacing_of(vol.affine).tolist() if vol.affine_problem is None else None,
+        "orientation": orientation_code(vol.affine) if vol.affine_problem is None else None,
+        "dtype": vol.on_disk_dtype,
+    }
 
 
-@dataclass
-class _Volume:
-    path: Path
-    data: np.ndarray
-    affine: np.ndarray
-    dtype: str
-    sha256: str
-    affine_problem: str | None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "sha256": self.sha256,
-            "shape": list(self.data.shape),
-            "affine": self.affine.tolist(),
-            "spacing": spacing_of(self.affine).tolist() if self.affine_problem is None else None,
-            "orientation": orientation_code(self.affine) if self.affine_problem is None else None,
-            "dtype": self.dtype,
-        }
-
-
-def _read_volume(path: str | Path, allow_bad_affine: bool = False) -> _Volume:
-    """Read a 3D NIfTI fully (so truncated gzip streams fail here) and check it."""
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file does not exist")
-    if not path.is_file():
-        raise InputFileError(path, "not a file")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for a non-NIfTI file
-        raise InputFileError(path, f"not a readable NIfTI image ({_short(exc)})") from None
-    try:
-        data = np.asarray(img.dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise InputFileError(path, f"truncated or corrupt image data ({_short(exc)})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        raise InputFileError(path, f"4D image with {data.shape[3]} volumes; a 3D volume is expected")
-    if data.ndim != 3:
-        raise InputFileError(path, f"{data.ndim}D image of shape {data.shape}; a 3D volume is expected")
-    if min(data.shape) < 1:
-        raise InputFileError(path, f"empty image of shape {data.shape}")
-    if data.dtype.kind not in "biuf":
-        raise InputFileError(path, f"unsupported voxel type {data.dtype}")
+def _read_volume(path: str | Path, limits: ImageLimits, allow_bad_affine: bool = False) -> NiftiRead:
+    """Read a 3D NIfTI header first (`nifti.read_nifti_file`), then check its values."""
+    vol = read_nifti_file(path, limits, allow_bad_affine=allow_bad_affine)
+    data = vol.data
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise InputFileError(path, f"{bad} NaN/inf voxels")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    problem = _affine_problem(affine)
-    if problem and not allow_bad_affine:
-        raise InputFileError(path, problem)
-    return _Volume(path, data, affine, str(img.get_data_dtype()), sha256_of(path), problem)
+    return vol
 
 
 def _short(exc: BaseException) -> str:
@@ -160,25 +116,33 @@ def load_case(
     images: dict[str, str | Path],
     mask: str | Path | None = None,
     subject: str = "case",
+    limits: ImageLimits = ImageLimits(),
 ) -> PreparedCase:
-    """Read, validate and co-register one subject onto its first modality's grid."""
+    """Read, validate and co-register one subject onto its first modality's grid.
+
+    Every file is read header first (`nifti.read_nifti_file`) under `limits`.
+
+    Raises:
+        InputFileError: a file that fails a header or value check (one line: file, problem).
+        ConfigError: no image given.
+    """
     if not images:
         raise ConfigError(f"{subject}: no image given")
     modalities = list(images)
-    reference = _read_volume(images[modalities[0]])
+    reference = _read_volume(images[modalities[0]], limits)
     ref_shape, ref_affine = reference.data.shape, reference.affine
     channels = [reference.data.astype(np.float32)]
-    sources = {modalities[0]: reference.describe()}
+    sources = {modalities[0]: _describe(reference)}
     for modality in modalities[1:]:
-        vol = _read_volume(images[modality])
-        sources[modality] = vol.describe()
+        vol = _read_volume(images[modality], limits)
+        sources[modality] = _describe(vol)
         if _same_grid(vol.data.shape, vol.affine, ref_shape, ref_affine):
             channels.append(vol.data.astype(np.float32))
             continue
         moved = resample(vol.data, vol.affine, ref_shape, ref_affine, order=1, antialias=True)
         if np.any(vol.data != 0) and not np.any(moved != 0):
             raise InputFileError(
-                vol.path, f"does not overlap the {modalities[0]} image's field of view (check the affines)"
+                vol.source, f"does not overlap the {modalities[0]} image's field of view (check the affines)"
             )
         channels.append(moved)
         del vol
@@ -186,19 +150,19 @@ def load_case(
 
     mask_array = None
     if mask is not None:
-        vol = _read_volume(mask, allow_bad_affine=True)
-        sources["mask"] = vol.describe()
+        vol = _read_volume(mask, limits, allow_bad_affine=True)
+        sources["mask"] = _describe(vol)
         bad = (vol.data != 0) & (vol.data != 1)
         if np.any(bad):
             values = np.unique(vol.data[bad])[:5]
             raise InputFileError(
-                vol.path, f"mask is not binary: has values {', '.join(f'{v:g}' for v in values)} besides 0 and 1"
+                vol.source, f"mask is not binary: has values {', '.join(f'{v:g}' for v in values)} besides 0 and 1"
             )
         if _same_grid(vol.data.shape, vol.affine, ref_shape, ref_affine):
             mask_array = vol.data.astype(np.uint8)
         elif vol.affine_problem is not None:
             raise InputFileError(
-                vol.path,
+                vol.source,
                 f"mask grid {vol.data.shape} does not match the {modalities[0]} grid {tuple(ref_shape)} "
                 f"and cannot be resampled onto it: {vol.affine_problem}",
             )
@@ -206,7 +170,7 @@ def load_case(
             mask_array = resample_mask(vol.data, vol.affine, ref_shape, ref_affine)
             if np.any(vol.data) and not np.any(mask_array):
                 raise InputFileError(
-                    vol.path, f"mask lesion lies outside the {modalities[0]} image's field of view"
+                    vol.source, f"mask lesion lies outside the {modalities[0]} image's field of view"
                 )
 
     stats = [brain_stats(c) for c in image]
@@ -277,6 +241,7 @@ def convert_subject(
     store_url: str,
     levels: list[int],
     storage_options: dict | None = None,
+    limits: ImageLimits = ImageLimits(),
 ) -> tuple[str, str, list[Problem]]:
     """Convert one subject into an existing store; returns (status, subject, problems).
 
@@ -287,7 +252,7 @@ def convert_subject(
         store = StrokeStore.open(store_url, mode="r+", storage_options=storage_options)
         if _recorded_checksums(store, case.subject) == _source_checksums(case):
             return "skipped", case.subject, []
-        prepared = load_case(case.images, case.mask, subject=case.subject)
+        prepared = load_case(case.images, case.mask, subject=case.subject, limits=limits)
         prepared.attrs["layout"] = case.layout
         store.write_subject(case.subject, make_levels(prepared, levels), prepared.attrs)
         return "converted", case.subject, []
@@ -319,12 +284,14 @@ def convert_dataset(
     progress: bool = True,
     storage_options: dict | None = None,
     parallel: bool = True,
+    limits: ImageLimits = ImageLimits(),
 ) -> ConvertReport:
     """Convert a NIfTI dataset into a Zarr store, one Ray task per subject.
 
     Resumable: complete subjects whose source files are unchanged are skipped, partial ones
     are rewritten, changed ones reconverted. `parallel=False` converts in this process (no
     Ray), which also works for stores only this process can see, such as memory:// URLs.
+    `limits` bounds what any image header may declare (`nifti.ImageLimits`).
     """
     from tqdm.auto import tqdm
 
@@ -359,23 +326,23 @@ def convert_dataset(
 
     try:
         if parallel and cases:
-            _convert_on_ray(cases, store.url, levels, storage_options, address, num_cpus, record)
+            _convert_on_ray(cases, store.url, levels, storage_options, limits, address, num_cpus, record)
         else:
             for case in cases:
-                record(convert_subject(case, store.url, levels, storage_options))
+                record(convert_subject(case, store.url, levels, storage_options, limits))
     finally:
         bar.close()
     return ConvertReport(counts["converted"], counts["skipped"], failed, store.url, time.perf_counter() - start)
 
 
-def _convert_on_ray(cases, store_url, levels, storage_options, address, num_cpus, record) -> None:
+def _convert_on_ray(cases, store_url, levels, storage_options, limits, address, num_cpus, record) -> None:
     import ray
 
     from stroke_ray.raycluster import connect
 
     connect(address, num_cpus=num_cpus)
     task = ray.remote(convert_subject).options(num_cpus=1, max_retries=0)
-    pending = {task.remote(case, store_url, levels, storage_options): case for case in cases}
+    pending = {task.remote(case, store_url, levels, storage_options, limits): case for case in cases}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

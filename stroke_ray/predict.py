@@ -35,6 +35,7 @@ import numpy as np
 
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import spacing_of
+from stroke_ray.nifti import ImageLimits
 
 DEFAULT_MODEL_REF = "models:/stroke-ray-segmenter@champion"
 METRIC_KEYS = ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
@@ -293,14 +294,16 @@ def predict_dataset(
     mask: str | Path | None = None,
     threshold: float = 0.5,
     subjects: Sequence[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> PredictReport:
     """Predict a lesion mask for every case of `inputs`, written in the case's own space.
 
     `inputs` is a dataset folder or {modality: file} for one case (`mask` optionally gives
     that case's ground truth for metrics); `subjects` keeps only those cases of a folder.
     `modalities` checks the channels against the checkpoint's (default: the checkpoint's
-    own list). Unreadable cases are reported in the result and skipped; only a bad model or
-    output folder raises.
+    own list). Every file is read header first under `limits` (default `ImageLimits()`).
+    Unreadable cases are reported in the result and skipped; only a bad model or output
+    folder raises.
     """
     from tqdm.auto import tqdm
 
@@ -336,7 +339,8 @@ def predict_dataset(
     files: list[str] = []
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         try:
-            prepared = load_case({m: case.images[m] for m in needed}, mask=case.mask, subject=case.subject)
+            prepared = load_case({m: case.images[m] for m in needed}, mask=case.mask, subject=case.subject,
+                                 limits=limits or ImageLimits())
             prediction = segmenter.predict(prepared)
             reference = nib.load(str(case.images[needed[0]]))
             mask_path = save_nifti(like_reference(prediction.mask, reference, np.uint8),

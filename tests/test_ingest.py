@@ -171,7 +171,7 @@ def break_subject(paths: dict[str, Path], how: str) -> Path:
 
 
 BAD = {
-    "truncated": "truncated or corrupt image data",
+    "truncated": "truncated image data: the stream ends after",
     "4d": "4D image with 3 volumes; a 3D volume is expected",
     "nan": "1 NaN/inf voxels",
     "nonbinary": "mask is not binary: has values 2 besides 0 and 1",
@@ -324,7 +324,7 @@ def test_cli_convert_exit_codes(mixed_dataset, tmp_path):
     result = runner.invoke(app, ["convert", str(root), "-o", out, "--levels", "16", "--in-process"])
     assert result.exit_code == 1, result.output
     assert "converted 2, skipped 0 (already complete), failed 6" in result.output
-    assert f"sub-bad0: {damaged['sub-bad0']}: truncated or corrupt image data" in result.output
+    assert f"sub-bad0: {damaged['sub-bad0']}: truncated image data: the stream ends after" in result.output
     result = runner.invoke(app, ["convert", str(root), "-o", out, "-m", "dwi,t2", "--in-process"])
     assert result.exit_code == 2
     assert "unknown modality 't2'" in result.output

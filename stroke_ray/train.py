@@ -118,6 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from stroke_ray import tracking
+    from stroke_ray.augment import augment_batch, step_generator
     from stroke_ray.checkpoint import read_checkpoint, save_checkpoint, unwrap
     from stroke_ray.losses import build_loss
     from stroke_ray.models import build_model, size_multiple
@@ -191,6 +192,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = next(batches)
             image = batch["image"].to(device, non_blocking=True)
             target = batch["mask"].to(device, non_blocking=True)
+            # augmentation on the device, seeded by (seed, rank, global step): a resumed run
+            # draws what the uninterrupted one would have; preset `none` returns the batch as is
+            image, target = augment_batch(
+                image, target, cfg.augment, air=batch.get("air"),
+                generator=step_generator(device, cfg.seed, rank, epoch * cfg.steps_per_epoch + step),
+            )
             if device.type == "cuda":
                 image = image.contiguous(memory_format=torch.channels_last_3d)
             t1 = time.perf_counter()

@@ -93,7 +93,8 @@ def test_bad_inputs_fail_before_any_run_or_mlflow_run(tiny_store, tmp_path, mlfl
 
 
 def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_path, mlflow_uri):
-    cfg = tiny_config(tiny_store, tmp_path, name="resumable", tracking_uri=mlflow_uri)
+    # with augmentation: the loop's augmentation call runs on every step of a real run
+    cfg = tiny_config(tiny_store, tmp_path, name="resumable", tracking_uri=mlflow_uri, augment="strong")
     result = run_training(cfg)
 
     assert REPORTED <= set(result.metrics)
@@ -109,6 +110,7 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.widths"] == "[4, 8, 16]" and run.data.params["data.level"] == "32"
+    assert run.data.params["augment.preset"] == "strong"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "overlays", "model"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "overlays")][0].endswith(".png")

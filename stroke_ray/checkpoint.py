@@ -9,8 +9,6 @@ file alone.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import InputFileError
+from stroke_ray.files import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -75,14 +74,8 @@ def save_checkpoint(
     }
     path = directory / CHECKPOINT_FILE
     # Write beside and rename, so a crash never leaves a truncated checkpoint behind.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

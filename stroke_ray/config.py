@@ -7,6 +7,7 @@ checkpoint carries (as a plain dict) so that prediction rebuilds the same model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,21 @@ def read_yaml(path: Path, kind: str):
         raise ConfigError(f"{path}: no such {kind}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: dotted paths, values kept as they are.
+
+    The names are the dotted TrainConfig paths that search spaces and MLflow params use.
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 class _Strict(BaseModel):

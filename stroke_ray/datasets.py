@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stroke_ray.errors import ConfigError, InputFileError
+from stroke_ray.files import NIFTI_SUFFIXES
 
 LAYOUT_MODALITIES: dict[str, list[str]] = {"isles22": ["dwi", "adc", "flair"], "atlas": ["t1w"]}
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ATLAS_SPACE = "space-MNI152NLin2009aSym"
 ATLAS_IMAGE = f"_{ATLAS_SPACE}_T1w"
 ATLAS_MASK = f"_{ATLAS_SPACE}_label-L_desc-T1lesion_mask"

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from stroke_ray.grid import cube_affine, resample
+from stroke_ray.intensity import normalise
+from stroke_ray.store import NATIVE
 
 if TYPE_CHECKING:
     from stroke_ray.ingest import PreparedCase
-
-NATIVE = "native"
 
 
 def window_size(patch_size: int, multiple: int = 1) -> int:
@@ -110,18 +110,7 @@ class Prediction:
 
 def normalise_case(image: np.ndarray, attrs: dict[str, Any], normalization: str = "zscore") -> np.ndarray:
     """Apply the training normalisation to a (C, ...) image with the case's own stats."""
-    image = np.asarray(image, dtype=np.float32)
-    if normalization == "none":
-        return image
-    if normalization != "zscore":
-        raise ValueError(f"unknown normalization {normalization!r} (zscore, none)")
-    norm = attrs.get("norm") if attrs else None
-    if not norm:
-        raise ValueError("case has no 'norm' statistics in its attrs; cannot z-score it")
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    mean = np.asarray(norm["mean"], np.float32).reshape(shape)
-    std = np.asarray(norm["std"], np.float32).reshape(shape)
-    return ((image - mean) / std).astype(np.float32, copy=False)
+    return normalise(np.asarray(image, dtype=np.float32), normalization, attrs.get("norm") if attrs else None)
 
 
 def predict_case(

@@ -23,6 +23,8 @@ import cc3d
 import numpy as np
 
 CONNECTIVITY = 26
+# The four ISLES'22 case metrics, in the order `isles_metrics` returns them.
+METRIC_KEYS = ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
 
 
 def _binary_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

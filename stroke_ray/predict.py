@@ -24,7 +24,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +33,13 @@ import nibabel as nib
 import numpy as np
 
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
+from stroke_ray.files import atomic_write_bytes, strip_nifti_suffix
 from stroke_ray.grid import spacing_of
+from stroke_ray.metrics import METRIC_KEYS
 from stroke_ray.nifti import ImageLimits
 
 DEFAULT_MODEL_REF = "models:/stroke-ray-segmenter@champion"
-METRIC_KEYS = ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
 CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volume_ml", *METRIC_KEYS)
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 # --------------------------------------------------------------------------- model
@@ -185,25 +184,10 @@ def nifti_bytes(image: nib.Nifti1Image, compress: bool = True) -> bytes:
     return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A temporary name in the same folder, then a rename: readers see the old file or the
-    # whole new one, never a partial write.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_nifti(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Write `image` to `path` (.nii.gz or .nii) atomically."""
     path = Path(path)
-    _atomic_write(path, nifti_bytes(image, compress=path.name.endswith(".gz")))
+    atomic_write_bytes(path, nifti_bytes(image, compress=path.name.endswith(".gz")))
     return path
 
 
@@ -233,11 +217,7 @@ class PredictReport:
 
 
 def _subject_from_file(path: Path, modality: str) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = strip_nifti_suffix(path)
     if name.lower().endswith(f"_{modality.lower()}"):
         name = name[: -len(modality) - 1]
     return name or "case"
@@ -271,14 +251,14 @@ def _write_tables(out: Path, rows: list[dict], failed: list, model_ref: str, ver
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
     csv_path, json_path = out / "predictions.csv", out / "predictions.json"
-    _atomic_write(csv_path, buf.getvalue().encode())
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
     doc = {
         "model": model_ref,
         "model_version": version,
         "cases": rows,
         "failed": [asdict(p) | {"message": str(p)} for p in failed],
     }
-    _atomic_write(json_path, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(json_path, (json.dumps(doc, indent=2) + "\n").encode())
     return [csv_path, json_path]
 
 

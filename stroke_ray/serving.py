@@ -36,6 +36,8 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from stroke_ray.errors import InputFileError, StrokeRayError
+from stroke_ray.files import strip_nifti_suffix
+from stroke_ray.locations import absolute
 from stroke_ray.predict import (
     DEFAULT_MODEL_REF,
     Segmenter,
@@ -227,7 +229,7 @@ class StrokeSegmenter:
             body = {**stats, "shape": list(mask.shape), "model_version": self.segmenter.version}
             return JSONResponse(body, headers=self._headers())
         reference_name = files[self.segmenter.modalities[0]][0]
-        stem = reference_name.split("/")[-1].removesuffix(".gz").removesuffix(".nii")
+        stem = strip_nifti_suffix(reference_name)
         # The client's file name goes into a header: keep only harmless characters.
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:200] or "upload"
         headers = self._headers({
@@ -266,7 +268,7 @@ def build_app(
     local = Path(ref).expanduser()
     if local.exists():
         # Replicas have their own working directory; give them an absolute path.
-        ref = str(local.resolve())
+        ref = absolute(local)
     elif tracking_uri is None:
         from stroke_ray.tracking import default_tracking_uri
 

@@ -29,6 +29,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.grid import spacing_of
+from stroke_ray.intensity import normalise
+from stroke_ray.locations import local_or_url
 
 FORMAT_NAME = "stroke-ray"
 FORMAT_VERSION = 1
@@ -44,12 +47,6 @@ COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 class StoreError(StrokeRayError, ValueError):
     """A store that cannot be used: not a stroke-ray store, too new, or other settings."""
-
-
-def local_or_url(url: str) -> str:
-    """`file://` URLs become plain paths (zarr's LocalStore); other URLs go to fsspec."""
-    url = str(url)
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 @dataclass
@@ -200,11 +197,8 @@ class StrokeStore:
 
     def normalise(self, subject: str, image: np.ndarray) -> np.ndarray:
         """Apply the store's intensity normalisation to a (C, ...) array read from it."""
-        if self.normalization == "none":
-            return image.astype(np.float32, copy=False)
-        mean, std = self.norm_stats(subject)
-        shape = (-1,) + (1,) * (image.ndim - 1)
-        return ((image - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32, copy=False)
+        stats = None if self.normalization == "none" else self.meta(subject)["norm"]
+        return normalise(image, self.normalization, stats)
 
     # --- per-subject writing -------------------------------------------------------------
     def delete_subject(self, subject: str) -> None:
@@ -246,7 +240,7 @@ class StrokeStore:
             level_attrs[str(name)] = {
                 "shape": list(mask.shape),
                 "affine": np.asarray(arrays.affine).tolist(),
-                "spacing": np.sqrt((np.asarray(arrays.affine)[:3, :3] ** 2).sum(0)).tolist(),
+                "spacing": spacing_of(arrays.affine).tolist(),
                 "lesion_voxels": int(mask.sum()),
             }
         group.attrs.update(_jsonable({**attrs, "levels": level_attrs}))

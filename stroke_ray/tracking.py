@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from stroke_ray.config import flatten
 from stroke_ray.errors import StrokeRayError
 
 REGISTERED_MODEL = "stroke-ray-segmenter"
@@ -124,18 +125,6 @@ def get_or_create_run(
     return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
 
 
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"optim": {"lr": 1e-3}} -> {"optim.lr": "0.001"}; lists become their repr."""
-    out: dict[str, str] = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)
-    return out
-
-
 def log_params_flat(client, run_id: str, nested: Mapping[str, Any]) -> dict[str, str]:
     """Log a nested dict as dotted params, skipping those already logged with the same value.
 
@@ -145,7 +134,7 @@ def log_params_flat(client, run_id: str, nested: Mapping[str, Any]) -> dict[str,
     from mlflow.entities import Param
 
     have = client.get_run(run_id).data.params
-    flat = flatten(nested)
+    flat = {k: str(v) for k, v in flatten(nested).items()}  # lists become their repr
     changed = {k: (have[k], v) for k, v in flat.items() if k in have and have[k] != v}
     if changed:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -23,6 +22,8 @@ import torch
 
 from stroke_ray.config import OptimConfig, TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
+from stroke_ray.locations import absolute
+from stroke_ray.metrics import METRIC_KEYS
 
 # --- small pieces of the loop --------------------------------------------------------------
 
@@ -64,9 +65,6 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-VAL_KEYS = ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")
-
-
 @torch.no_grad()
 def validate(
     model: torch.nn.Module,
@@ -87,7 +85,7 @@ def validate(
     from stroke_ray.metrics import isles_metrics
 
     level = cfg.data.level
-    sums = {k: 0.0 for k in VAL_KEYS}
+    sums = {k: 0.0 for k in METRIC_KEYS}
     example, example_voxels = None, -1
     model.eval()
     for subject in subjects:
@@ -99,7 +97,7 @@ def validate(
         )
         pred = (prob >= 0.5).astype(np.uint8)
         scores = isles_metrics(pred, truth, spacing_of(store.affine(subject, level)))
-        for k in VAL_KEYS:
+        for k in METRIC_KEYS:
             sums[k] += float(scores[k])
         # The overlay should show a lesion: a held-out case without one draws empty slices.
         voxels = int(np.count_nonzero(truth)) + int(np.count_nonzero(pred))
@@ -225,9 +223,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums, count, example = validate(
             unwrap(model), store, val_subjects[rank::world], cfg, device, use_amp, multiple
         )
-        totals = _all_reduce_sum([*(sums[k] for k in VAL_KEYS), float(count)], device)
+        totals = _all_reduce_sum([*(sums[k] for k in METRIC_KEYS), float(count)], device)
         n_val = max(1.0, totals[-1])
-        val = {f"val_{k}": totals[i] / n_val for i, k in enumerate(VAL_KEYS)}
+        val = {f"val_{k}": totals[i] / n_val for i, k in enumerate(METRIC_KEYS)}
         val_s = time.perf_counter() - t_val
 
         metrics = {
@@ -269,15 +267,6 @@ def _yaml(cfg: TrainConfig) -> str:
 
 
 # --- driver side ---------------------------------------------------------------------------
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _absolute(path: str) -> str:
-    """Absolute local paths (workers may run in another directory); URIs unchanged."""
-    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def check_store(url: str, levels: Iterable[str]) -> None:
@@ -328,7 +317,7 @@ def build_trainer(
 
     from stroke_ray.tracking import default_tracking_uri
 
-    data = cfg.data.model_copy(update={"store": _absolute(cfg.data.store)})
+    data = cfg.data.model_copy(update={"store": absolute(cfg.data.store)})
     cfg = cfg.model_copy(update={"data": data})
     check_inputs(cfg)
     use_gpu = cfg.use_gpu
@@ -348,7 +337,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=run_name or cfg.name,
-            storage_path=_absolute(storage_path or cfg.storage_path),
+            storage_path=absolute(storage_path or cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
             callbacks=callbacks,
@@ -365,7 +354,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     from stroke_ray import tracking
     from stroke_ray.raycluster import connect
 
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": _absolute(cfg.data.store)})})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": absolute(cfg.data.store)})})
     check_inputs(cfg)  # before any MLflow run exists, so a bad config leaves nothing behind
     connect(address)
     uri = cfg.tracking_uri or tracking.default_tracking_uri()

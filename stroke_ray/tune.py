@@ -27,8 +27,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from stroke_ray.config import TrainConfig, read_yaml
+from stroke_ray.config import TrainConfig, flatten, read_yaml
 from stroke_ray.errors import ConfigError, StrokeRayError
+from stroke_ray.files import atomic_path, atomic_write_text
+from stroke_ray.locations import absolute, exists, is_url
+from stroke_ray.tracking import PARENT_TAG
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "intlog")
 SPACE_KEYS = {
@@ -41,7 +44,6 @@ TAG_SWEEP = "stroke_ray.sweep_dir"
 # competes with its own Train worker for a core.
 DRIVER_CPU = 0.01
 TAG_TRIAL = "stroke_ray.trial_id"
-TAG_PARENT = "mlflow.parentRunId"
 
 
 # --------------------------------------------------------------------------- search space
@@ -366,17 +368,6 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}, values kept (Tune configs, params)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _parent_run(client, experiment_id: str, sweep_dir: str, name: str, reuse: bool) -> str:
     if reuse:
         run = _find_run(client, experiment_id, {TAG_SWEEP: sweep_dir, "stroke_ray.kind": "sweep"})
@@ -584,7 +575,7 @@ def _summarise(result, space: SearchSpace) -> TrialSummary:
             if CHECKPOINT_PATH_KEY in df:
                 # Prefer the best epoch's checkpoint; Train may have pruned it, then the last.
                 candidates = [row.get(CHECKPOINT_PATH_KEY)] + list(df[CHECKPOINT_PATH_KEY].dropna()[::-1])
-                checkpoint = next((c for c in candidates if isinstance(c, str) and _exists(c)), None)
+                checkpoint = next((c for c in candidates if isinstance(c, str) and exists(c)), None)
     status = "ERROR" if result.error else ("TERMINATED" if epochs else "NOT RUN")
     return TrialSummary(
         trial_id=str(trial_id),
@@ -595,10 +586,6 @@ def _summarise(result, space: SearchSpace) -> TrialSummary:
         checkpoint=checkpoint,
         error=_error_line(result.error) if result.error else None,
     )
-
-
-def _exists(path: str) -> bool:
-    return "://" in path or Path(path).exists()
 
 
 def _export_checkpoint(src: str, dest_dir: Path) -> Path:
@@ -613,9 +600,8 @@ def _export_checkpoint(src: str, dest_dir: Path) -> Path:
         source = Path(local) / CHECKPOINT_FILE
         if not source.exists():
             raise StrokeRayError(f"{src}: checkpoint directory has no {CHECKPOINT_FILE}")
-        tmp = dest.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
     return dest
 
 
@@ -694,10 +680,7 @@ def write_report(path: Path, space: SearchSpace, trials: list[TrialSummary], bes
     if errors:
         lines += ["", "## Errors", ""] + [f"- {t.trial_id}: {t.error}" for t in errors]
     text = "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return text
 
 
@@ -747,10 +730,8 @@ def _reopen_search(sweep_dir: Path, num_samples: int) -> None:
         unfinished = {t for t, (status, _) in trials.items() if status != "TERMINATED"}
         limiter["live_trials"] = {t for t in limiter["live_trials"] if t in unfinished}
         limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
-    tmp = path.with_name(f"tmp-{path.name}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         cloudpickle.dump(state, f)
-    os.replace(tmp, path)
 
 
 def _set_stop_conditions(tuner, stopper, time_budget_s: float | None, cleanup) -> None:
@@ -807,14 +788,18 @@ def run_sweep(
 
     started = time.time()
     space = SearchSpace.load(space_file)
-    storage = Path(storage_path).expanduser().resolve()
+    if is_url(storage_path):
+        # Tune state under a URL needs pyarrow filesystems end to end; refuse rather than
+        # write "s3://..." as a local folder that dies with this node.
+        raise ConfigError(f"{storage_path}: sweep storage must be a local or shared folder, not a URL")
+    storage = Path(absolute(storage_path))
     sweep_dir = storage / name
     tracking_uri = tracking_uri or base_config.tracking_uri or default_tracking_uri()
     # Tune runs each trial in its own working directory: make a local store path absolute.
     store = base_config.data.store
-    if "://" not in store and not Path(store).is_absolute():
+    if not is_url(store) and not Path(store).is_absolute():
         base_config = base_config.model_copy(deep=True)
-        base_config.data.store = str(Path(store).resolve())
+        base_config.data.store = absolute(store)
     # The trials' configs and the store must validate before any compute is spent on them.
     probe = space.trial_config(base_config, {})
     check_store(probe.data.store, sorted(space.levels(base_config)))
@@ -888,8 +873,8 @@ def run_sweep(
     model_version = None
     if best is not None:
         best_checkpoint = _export_checkpoint(best.checkpoint, sweep_dir / "best")
-        (sweep_dir / "best" / "config.yaml").write_text(yaml.safe_dump(best_config.model_dump(), sort_keys=False))
-        best_run = _find_run(client, experiment_id, {TAG_PARENT: parent_id, TAG_TRIAL: best.trial_id})
+        atomic_write_text(sweep_dir / "best" / "config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
+        best_run = _find_run(client, experiment_id, {PARENT_TAG: parent_id, TAG_TRIAL: best.trial_id})
         client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
         client.log_metric(parent_id, f"best_{space.metric}", best.metric)
         if best_run is not None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from stroke_ray.errors import InputFileError, StrokeRayError
+from stroke_ray.files import atomic_write_bytes, atomic_write_text
 from stroke_ray.grid import spacing_of
 from stroke_ray.synth.anatomy import mni_anatomy
 from stroke_ray.synth.cases import SynthCase, check_layout, synth_case
@@ -64,7 +64,7 @@ def generate_dataset(
     if root.exists() and not root.is_dir():
         raise InputFileError(root, "exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    _write_text(root / "README.md", _readme(layout))
+    atomic_write_text(root / "README.md", _readme(layout))
     _write_json(root / "dataset_description.json", _description(layout, seed))
 
     from tqdm.auto import tqdm
@@ -78,31 +78,17 @@ def generate_dataset(
     return subjects
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden temporary name with a foreign suffix: dataset discovery never picks it up.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
-
-
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     # Own gzip with a fixed header time, so identical arrays give identical files.
-    return _atomic_write(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+    return atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 
 def _write_json(path: Path, payload: dict) -> Path:
-    return _atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, text.encode())
+    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _sidecar(modality: str, affine: np.ndarray, seed: int, case: SynthCase) -> dict:

@@ -2,6 +2,7 @@
 
     stroke-ray synth    make synthetic ISLES'22- or ATLAS-like cases
     stroke-ray convert  NIfTI dataset -> Zarr store
+    stroke-ray export-nnunet  Zarr store -> nnU-Net v2 raw dataset
     stroke-ray train    one training run on Ray Train
     stroke-ray tune     a sweep with Ray Tune + Optuna, tracked in MLflow
     stroke-ray predict  lesion masks for new cases, in their own space
@@ -83,12 +84,12 @@ def synth(
 @app.command()
 @_user_errors
 def convert(
-    dataset: str = typer.Argument(..., help="Dataset root (ISLES'22 or ATLAS layout)."),
+    dataset: str = typer.Argument(..., help="Dataset root (ISLES'22 archive or rawdata/, ATLAS R2.0, nnU-Net v2 raw)."),
     output: str = typer.Option(..., "-o", "--output", help="Zarr store path or URL."),
     modalities: Optional[str] = typer.Option(
         None, "-m", "--modalities", help="Comma-separated, e.g. dwi,adc,flair (default: all of the layout)."
     ),
-    layout: str = typer.Option("auto", help="auto, isles22 or atlas."),
+    layout: str = typer.Option("auto", help="auto, isles22, atlas or nnunet."),
     levels: str = typer.Option("64,128", help="Cubic training resolutions to write."),
     normalization: str = typer.Option("zscore", help="zscore (within brain) or none."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
@@ -122,6 +123,18 @@ def convert(
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(code=1)
+
+
+@app.command("export-nnunet")
+@_user_errors
+def export_nnunet(
+    store: str = typer.Argument(..., help="stroke-ray Zarr store (path or URL)."),
+    output: Path = typer.Argument(..., help="Folder to write (new or empty), e.g. nnUNet_raw/Dataset501_Stroke."),
+) -> None:
+    """Write a store's subjects as an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json)."""
+    from stroke_ray.nnunet_export import export_nnunet as run_export
+
+    typer.echo(run_export(store, output, progress=True).summary())
 
 
 @app.command()
@@ -203,7 +216,7 @@ def demo(
 @app.command()
 @_user_errors
 def predict(
-    input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (ISLES'22 or ATLAS layout)."),
+    input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (any layout convert reads)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for masks and predictions.csv/json."),
     model: str = typer.Option(
         "models:/stroke-ray-segmenter@champion", "-m", "--model",

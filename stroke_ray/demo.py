@@ -54,10 +54,14 @@ class DemoResult:
 
 def _dataset_complete(root: Path, num_cases: int) -> bool:
     from stroke_ray.datasets import discover
+    from stroke_ray.errors import InputFileError
 
     if not root.is_dir():
         return False
-    cases, problems = discover(root, layout="isles22")
+    try:
+        cases, problems = discover(root, layout="isles22")
+    except InputFileError:  # an empty or half-made folder: no ISLES'22 layout yet
+        return False
     return len(cases) >= num_cases and not problems
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stroke_ray.datasets import CaseFiles, Problem, detect_layout, discover, resolve_modalities
+from stroke_ray.datasets import CaseFiles, Problem, open_dataset
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
@@ -299,16 +299,15 @@ def convert_dataset(
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
     levels = _check_levels(levels)
-    if layout == "auto":
-        layout = detect_layout(dataset)
-    chosen = resolve_modalities(layout, modalities)
-    cases, problems = discover(dataset, chosen, layout=layout)
+    found = open_dataset(dataset, layout)
+    chosen = found.resolve(modalities)
+    cases, problems = found.discover(chosen, require_mask=True)
     if not cases and not problems:
-        raise InputFileError(dataset, f"no subjects found for the {layout} layout")
+        raise InputFileError(found.root, f"no subjects found for the {found.layout} layout")
     try:
         store = StrokeStore.create(
             output, chosen, [NATIVE, *map(str, levels)], normalization,
-            storage_options=storage_options, layout=layout,
+            storage_options=storage_options, layout=found.layout,
         )
     except (ValueError, OSError) as exc:
         raise StrokeRayError(str(exc)) from None

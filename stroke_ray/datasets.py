@@ -18,10 +18,9 @@ from pathlib import Path
 
 from stroke_ray.errors import ConfigError, InputFileError
 from stroke_ray.layouts import LAYOUTS, CaseFiles, Problem
-from stroke_ray.files import NIFTI_SUFFIXES
 
 __all__ = [
-    "LAYOUT_MODALITIES", "NIFTI_SUFFIXES", "CaseFiles", "Dataset", "Problem", "detect_layout",
+    "LAYOUT_MODALITIES", "CaseFiles", "Dataset", "Problem", "detect_layout",
     "discover", "open_dataset", "resolve_modalities",
 ]
 

@@ -219,21 +219,15 @@ def test_config_errors_name_the_field(raw, field):
         TrainConfig.from_dict({"augment": raw}, source="train.yaml")
 
 
-def test_search_space_accepts_nested_augment_fields():
-    from stroke_ray.tune import SearchSpace
+def test_blur_matches_scipy():
+    from scipy.ndimage import gaussian_filter
 
-    space = SearchSpace.from_dict({
-        "fixed": {"augment.elastic.p": 0.2},
-        "parameters": {
-            "augment.preset": {"choice": ["none", "light", "strong"]},
-            "augment.rotation.degrees": {"uniform": [0.0, 30.0], "when": {"augment.preset": ["strong"]}},
-            "augment.scale.range": {"choice": [[0.85, 1.25], [0.7, 1.4]]},
-        },
-    })
-    cfg = space.trial_config(
-        TrainConfig(), {"augment.preset": "strong", "augment.rotation.degrees": 12.5, "augment.scale.range": "[0.85, 1.25]"}
-    ).augment
-    assert cfg.preset == "strong" and cfg.rotation.degrees == 12.5 and cfg.scale.range == (0.85, 1.25)
-    assert cfg.resolved().elastic.p == 0.2 and cfg.resolved().gamma.p == AUGMENT_PRESETS["strong"]["gamma"]["p"]
-    with pytest.raises(ConfigError, match="augment.elastic.p"):
-        SearchSpace.from_dict({"parameters": {"augment.elastic.p": {"choice": [0.1, 3.0]}}})
+    from stroke_ray.augment_intensity import gaussian_blur
+
+    rows = torch.randn(2, 12, 13, 14)
+    sigma = torch.tensor([[1.0, 0.5, 0.8], [0.6, 1.0, 0.7]])
+    out = gaussian_blur(rows, sigma)
+    for r in range(2):
+        # scipy's radius is int(truncate * sigma + 0.5); ours ceil(3 * max sigma) = 3 for all
+        expect = gaussian_filter(rows[r].double().numpy(), sigma[r].tolist(), mode="nearest", radius=3)
+        assert torch.allclose(out[r].double(), torch.from_numpy(expect), atol=1e-5)

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import yaml
 
-from stroke_ray.config import TrainConfig
+from stroke_ray.config import AUGMENT_PRESETS, TrainConfig
 from stroke_ray.errors import ConfigError
 from stroke_ray.tune import SearchSpace, TrialSummary, param_importances
 
@@ -184,3 +184,21 @@ def test_trial_error_line_is_the_exception_not_the_task_header():
         "    raise StrokeRayError(msg)\nstroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2\n\n"
     )
     assert _error_line(err) == "stroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2"
+
+
+def test_search_space_accepts_nested_augment_fields():
+    space = SearchSpace.from_dict({
+        "fixed": {"augment.elastic.p": 0.2},
+        "parameters": {
+            "augment.preset": {"choice": ["none", "light", "strong"]},
+            "augment.rotation.degrees": {"uniform": [0.0, 30.0], "when": {"augment.preset": ["strong"]}},
+            "augment.scale.range": {"choice": [[0.85, 1.25], [0.7, 1.4]]},
+        },
+    })
+    cfg = space.trial_config(
+        TrainConfig(), {"augment.preset": "strong", "augment.rotation.degrees": 12.5, "augment.scale.range": "[0.85, 1.25]"}
+    ).augment
+    assert cfg.preset == "strong" and cfg.rotation.degrees == 12.5 and cfg.scale.range == (0.85, 1.25)
+    assert cfg.resolved().elastic.p == 0.2 and cfg.resolved().gamma.p == AUGMENT_PRESETS["strong"]["gamma"]["p"]
+    with pytest.raises(ConfigError, match="augment.elastic.p"):
+        SearchSpace.from_dict({"parameters": {"augment.elastic.p": {"choice": [0.1, 3.0]}}})

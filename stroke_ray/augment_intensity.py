@@ -17,10 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stroke_ray.augment_spatial import chosen, uniform
+from stroke_ray.augment_spatial import chosen, gaussian_blur, uniform
 from stroke_ray.config import AugmentConfig
 
-__all__ = ["intensity_transform", "gaussian_blur"]
+__all__ = ["intensity_transform"]
 
 
 def _rows(b: int, c: int, p: float, p_channel: float, generator: torch.Generator) -> torch.Tensor:
@@ -32,29 +32,6 @@ def _rows(b: int, c: int, p: float, p_channel: float, generator: torch.Generator
 
 def _stats_shape(x: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.ndim - 1)
-
-
-def gaussian_blur(rows: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur (R, X, Y, Z) rows with their own per-axis sigma (R, 3) in voxels (edges replicated).
-
-    Separable, as a weighted sum of shifted copies per axis: on CPU this is ~1.5x faster
-    than a grouped conv3d with (k, 1, 1) kernels, which falls back to a slow path.
-    """
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
-    offsets = torch.arange(-radius, radius + 1, device=rows.device, dtype=rows.dtype)
-    out = rows
-    for axis in range(3):
-        k = torch.exp(-0.5 * (offsets[None] / sigma[:, axis : axis + 1]) ** 2)
-        k = k / k.sum(1, keepdim=True)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        padded = F.pad(out[None], pad, mode="replicate")[0]
-        length = out.shape[1 + axis]
-        acc = padded.narrow(1 + axis, 0, length) * k[:, 0].reshape(-1, 1, 1, 1)
-        for i in range(1, 2 * radius + 1):
-            acc.add_(padded.narrow(1 + axis, i, length) * k[:, i].reshape(-1, 1, 1, 1))
-        out = acc
-    return out
 
 
 def _bias_fields(n: int, shape: tuple[int, ...], strength: float, generator: torch.Generator) -> torch.Tensor:

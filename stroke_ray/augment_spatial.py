@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from stroke_ray.config import AugmentConfig
 
-__all__ = ["flip_batch", "rotation_matrices", "spatial_transform"]
+__all__ = ["flip_batch", "gaussian_blur", "rotation_matrices", "spatial_transform"]
 
 
 def uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -53,6 +53,29 @@ def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
     return about(0) @ about(1) @ about(2)
 
 
+def gaussian_blur(rows: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur (R, X, Y, Z) rows with their own per-axis sigma (R, 3) in voxels (edges replicated).
+
+    Separable, as a weighted sum of shifted copies per axis: on CPU this is ~1.5x faster
+    than a grouped conv3d with (k, 1, 1) kernels, which falls back to a slow path.
+    """
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    offsets = torch.arange(-radius, radius + 1, device=rows.device, dtype=rows.dtype)
+    out = rows
+    for axis in range(3):
+        k = torch.exp(-0.5 * (offsets[None] / sigma[:, axis : axis + 1]) ** 2)
+        k = k / k.sum(1, keepdim=True)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        padded = F.pad(out[None], pad, mode="replicate")[0]
+        length = out.shape[1 + axis]
+        acc = padded.narrow(1 + axis, 0, length) * k[:, 0].reshape(-1, 1, 1, 1)
+        for i in range(1, 2 * radius + 1):
+            acc.add_(padded.narrow(1 + axis, i, length) * k[:, i].reshape(-1, 1, 1, 1))
+        out = acc
+    return out
+
+
 def _smooth_field(n: int, shape: tuple[int, ...], sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(n, 3, *shape) smooth random displacement, max |d| = 1 per sample.
 
@@ -61,21 +84,9 @@ def _smooth_field(n: int, shape: tuple[int, ...], sigma: torch.Tensor, generator
     """
     coarse = tuple(max(4, math.ceil(e / 4)) for e in shape)
     field = torch.randn((n, 3, *coarse), generator=generator, device=generator.device)
-    # sigma (fraction of the edge) in coarse voxels; one kernel size for the batch
-    sig = (sigma * coarse[0]).clamp(min=0.5)
-    radius = int(math.ceil(3 * float(sig.max())))
-    offsets = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
-    kernels = torch.exp(-0.5 * (offsets[None] / sig[:, None]) ** 2)
-    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, k)
-    rows = field.reshape(1, n * 3, *coarse)
-    weight = kernels.repeat_interleave(3, 0)  # the same sigma for the 3 components of a sample
-    for axis in range(3):
-        view = [1, 1, 1]
-        view[axis] = -1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        rows = F.conv3d(F.pad(rows, pad, mode="replicate"), weight.reshape(n * 3, 1, *view), groups=n * 3)
-    field = rows.reshape(n, 3, *coarse)
+    # sigma (fraction of the edge) in coarse voxels, the same for a sample's 3 components
+    sig = (sigma * coarse[0]).clamp(min=0.5).repeat_interleave(3)[:, None].expand(n * 3, 3)
+    field = gaussian_blur(field.reshape(n * 3, *coarse), sig).reshape(n, 3, *coarse)
     field = F.interpolate(field, size=shape, mode="trilinear", align_corners=False)
     peak = field.flatten(1).abs().amax(1).clamp(min=1e-6)
     return field / peak[:, None, None, None, None]

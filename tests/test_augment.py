@@ -222,7 +222,7 @@ def test_config_errors_name_the_field(raw, field):
 def test_blur_matches_scipy():
     from scipy.ndimage import gaussian_filter
 
-    from stroke_ray.augment_intensity import gaussian_blur
+    from stroke_ray.augment_spatial import gaussian_blur
 
     rows = torch.randn(2, 12, 13, 14)
     sigma = torch.tensor([[1.0, 0.5, 0.8], [0.6, 1.0, 0.7]])

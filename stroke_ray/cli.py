@@ -73,12 +73,15 @@ def synth(
     n: int = typer.Option(8, "-n", "--num-cases", min=1, help="Number of cases."),
     layout: str = typer.Option("isles22", help="isles22 or atlas."),
     seed: int = typer.Option(0, min=0, help="Random seed; the same seed gives the same cases."),
+    profile: str = typer.Option(
+        "train", help="train, or shifted: held-out cases from settings training never sees "
+        "(other scanners, orientations, contrasts, embolic clusters)."),
 ) -> None:
     """Generate synthetic stroke cases on real MNI152 anatomy."""
     from stroke_ray.synth import generate_dataset
 
-    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True)
-    typer.echo(f"wrote {len(subjects)} synthetic {layout} case(s) to {output}")
+    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True, profile=profile)
+    typer.echo(f"wrote {len(subjects)} synthetic {layout} case(s) ({profile} profile) to {output}")
 
 
 @app.command()

@@ -63,6 +63,14 @@ class Anatomy:
                 )
         return self._smoothed[key]
 
+    def depth_mm(self) -> np.ndarray:
+        """Distance of each template voxel from the brain's outer surface, mm (0 outside)."""
+        if "depth" not in self._smoothed:  # computed once, only when artefacts ask for it
+            brain = self.tissues.sum(axis=0) >= 0.5
+            self._smoothed["depth"] = ndimage.distance_transform_edt(
+                brain, sampling=spacing_of(self.affine)).astype(np.float32)
+        return self._smoothed["depth"]
+
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -214,6 +222,7 @@ class Sampled:
     flat: np.ndarray  # (n,) indices of brain voxels
     tissues: np.ndarray  # (3, n) gm, wm, csf fractions
     lesion: np.ndarray  # (n,) lesion fraction
+    coords: np.ndarray  # (3, n) float32 template voxel coordinates of the voxels
 
     def volume(self, values: np.ndarray, dtype=np.float32) -> np.ndarray:
         out = np.zeros(self.grid.shape, dtype)
@@ -225,10 +234,14 @@ def sample_anatomy(anatomy: Anatomy, transform: SubjectTransform, grid: Grid, le
                     lesion_box: tuple[slice, ...]) -> Sampled:
     """Tissue and lesion fractions on `grid`, at the voxels where tissue is >= 50 %."""
     flat, coords = transform.template_points(grid, anatomy)
-    # Footprint of one grid voxel in template voxels; the grid axes stay within ~16 degrees
-    # of the template's, so a separable pre-filter along the template axes is close
-    # enough, and depending on the nominal spacing only lets all cases share it.
-    footprint = spacing_of(grid.affine) / spacing_of(anatomy.affine)
+    # Footprint of one grid voxel in template voxels, along the template axis each voxel
+    # axis runs closest to (grids may store their axes in any order). The axes stay
+    # within ~25 degrees of the template's, so a separable pre-filter along the template
+    # axes is close enough, and depending on the nominal spacing only lets all cases share it.
+    nearest_axis = np.argmax(np.abs(grid.affine[:3, :3]), axis=0)  # world axis of each voxel axis
+    spacing = np.empty(3)
+    spacing[nearest_axis] = spacing_of(grid.affine)
+    footprint = spacing / spacing_of(anatomy.affine)
     smoothed = anatomy.smoothed(tuple(np.maximum(0.0, (footprint - 1.0) / 2.0)))
     tissues = np.stack([
         ndimage.map_coordinates(t, coords, order=1, mode="constant", cval=0.0, prefilter=False)
@@ -244,5 +257,5 @@ def sample_anatomy(anatomy: Anatomy, transform: SubjectTransform, grid: Grid, le
     if near.any():
         les[near] = ndimage.map_coordinates(lesion, coords[:, near], order=1, mode="constant", cval=0.0,
                                             prefilter=False)
-    return Sampled(grid, flat, tissues, les)
+    return Sampled(grid, flat, tissues, les, coords)
 

@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from stroke_ray.grid import spacing_of
 from stroke_ray.synth.anatomy import Anatomy, rotation
+from stroke_ray.synth.settings import PROFILES, SynthSettings
 
 __all__ = ["LESION_CLASSES", "TERRITORIES", "lesion_map"]
 
@@ -26,8 +27,8 @@ TERRITORIES = {
 }
 
 
-def lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str
-                ) -> tuple[np.ndarray, tuple[slice, ...], list]:
+def lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str,
+               settings: SynthSettings = PROFILES["train"]) -> tuple[np.ndarray, tuple[slice, ...], list]:
     """Soft lesion fraction on the (cropped) template grid, its bounding box, and a
     description of each lesion."""
     lesion = np.zeros(anatomy.shape, np.float32)
@@ -38,6 +39,7 @@ def lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str
         deep = np.linalg.norm((candidates - centre_vox) * spacing_of(anatomy.affine), axis=1) < 30.0
         candidates = candidates[deep]
     side = float(rng.choice([-1.0, 1.0]))
+    embolic = tuple(settings.embolic_radius_mm)
 
     if lesion_class == "territorial":
         name = str(rng.choice(list(TERRITORIES), p=[0.6, 0.15, 0.15, 0.1]))
@@ -45,9 +47,14 @@ def lesion_map(anatomy: Anatomy, rng: np.random.Generator, lesion_class: str
         boxes.append(_add_territorial(lesion, anatomy, rng, name, side, target_ml))
         described.append({"kind": "territorial", "territory": name, "side": "R" if side > 0 else "L",
                           "target_ml": round(target_ml, 2)})
-        radii = [(1.5, 3.0)] * int(rng.integers(0, 3))  # satellite embolic dots are common
+        radii = [embolic] * int(rng.integers(0, 3))  # satellite embolic dots are common
     elif lesion_class == "embolic":
-        radii = [(1.5, 3.0)] * int(rng.integers(2, 7))
+        low, high = settings.embolic_count
+        radii = [embolic] * int(rng.integers(low, high + 1))
+        if settings.embolic_cluster_mm is not None:  # a shower of emboli in one territory
+            seed = candidates[int(rng.integers(len(candidates)))]
+            near = np.linalg.norm((candidates - seed) * spacing_of(anatomy.affine), axis=1)
+            candidates = candidates[near <= settings.embolic_cluster_mm]
     elif lesion_class == "medium":
         radii = [(6.0, 14.0)] + [(1.5, 4.0)] * int(rng.integers(0, 3))
     else:  # lacunar: one small deep lesion, sometimes a second

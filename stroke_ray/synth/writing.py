@@ -14,6 +14,7 @@ from stroke_ray.files import atomic_write_bytes, atomic_write_text
 from stroke_ray.grid import spacing_of
 from stroke_ray.synth.anatomy import mni_anatomy
 from stroke_ray.synth.cases import SynthCase, check_layout, synth_case
+from stroke_ray.synth.settings import SynthSettings, settings_for
 
 __all__ = ["ATLAS_SPACE", "generate_dataset", "write_case"]
 
@@ -50,14 +51,24 @@ def generate_dataset(
     layout: str = "isles22",
     seed: int = 0,
     progress: bool = True,
+    profile: str | SynthSettings = "train",
 ) -> list[str]:
     """Write `num_cases` synthetic cases in the ISLES'22 or ATLAS R2.0 layout; return subject ids.
 
-    The same (seed, case index) always gives byte-identical files, and every file is
-    written under a temporary name and renamed, so an interrupted run leaves no partial
+    The same (seed, case index, profile) always gives byte-identical files, and every file
+    is written under a temporary name and renamed, so an interrupted run leaves no partial
     file and re-running it completes the dataset.
+
+    Args:
+        profile: `train` (the default), `shifted` (held-out cases from a distribution
+            training never sees) or a SynthSettings; see docs/synthetic.md.
+
+    Raises:
+        StrokeRayError: for an unknown layout or profile, or num_cases < 1.
+        InputFileError: if `output` exists and is not a directory.
     """
     check_layout(layout)
+    settings = settings_for(profile)
     if int(num_cases) < 1:
         raise StrokeRayError(f"num_cases must be at least 1, got {num_cases}")
     root = Path(output)
@@ -65,14 +76,14 @@ def generate_dataset(
         raise InputFileError(root, "exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "README.md", _readme(layout))
-    _write_json(root / "dataset_description.json", _description(layout, seed))
+    _write_json(root / "dataset_description.json", _description(layout, seed, settings.profile))
 
     from tqdm.auto import tqdm
 
     mni_anatomy()  # load before the bar starts, so the bar shows the per-case rate
     subjects = []
-    for index in tqdm(range(int(num_cases)), desc=f"synth {layout}", unit="case", disable=not progress):
-        case = synth_case(index, layout=layout, seed=seed)
+    for index in tqdm(range(int(num_cases)), desc=f"synth {layout} {settings.profile}", unit="case", disable=not progress):
+        case = synth_case(index, layout=layout, seed=seed, settings=settings)
         write_case(case, root, seed=seed)
         subjects.append(case.subject)
     return subjects
@@ -98,7 +109,7 @@ def _sidecar(modality: str, affine: np.ndarray, seed: int, case: SynthCase) -> d
         "GeneratedBy": "stroke-ray synth",
         "Seed": int(seed),
         "Modality": "MR",
-        "MagneticFieldStrength": 3.0,
+        "MagneticFieldStrength": case.info.get("field_strength_t", 3.0),
         "VoxelSizeMm": [round(float(s), 4) for s in spacing],
         "SyntheticLesion": case.info,
     }
@@ -107,17 +118,19 @@ def _sidecar(modality: str, affine: np.ndarray, seed: int, case: SynthCase) -> d
     if modality == "adc":
         sidecar["Units"] = "1e-3 mm^2/s"
     if modality == "flair":
-        sidecar.update(SliceThickness=4.0, SpacingBetweenSlices=5.0, InversionTime=2850.0)
+        # A 1 mm gap between slices, as the real FLAIR has (4 mm slices every 5 mm).
+        between = float(spacing.max())
+        sidecar.update(SliceThickness=between - 1.0, SpacingBetweenSlices=between, InversionTime=2850.0)
     return sidecar
 
 
-def _description(layout: str, seed: int) -> dict:
+def _description(layout: str, seed: int, profile: str) -> dict:
     return {
         "Name": f"stroke-ray synthetic {'ISLES22' if layout == 'isles22' else 'ATLAS R2.0'}-like stroke cases",
         "BIDSVersion": "1.8.0",
         "DatasetType": "raw",
         "Synthetic": True,
-        "GeneratedBy": [{"Name": "stroke-ray synth", "Description": f"layout={layout} seed={seed}"}],
+        "GeneratedBy": [{"Name": "stroke-ray synth", "Description": f"layout={layout} seed={seed} profile={profile}"}],
         "License": "synthetic; anatomy from the ICBM 2009a template under the MNI/McGill notice in README.md",
     }
 

@@ -44,6 +44,10 @@ VOXEL_RANGE_OPTION = typer.Option(
     help="Allowed voxel sizes MIN,MAX in mm.",
 )
 
+RESAMPLE_MASKS_OPTION = typer.Option(
+    False, "--resample-masks", help="Resample a mask on another grid than its reference modality (else an error).",
+)
+
 
 def _limits(max_dim: int, max_image_gib: float, voxel_range_mm: str) -> ImageLimits:
     return ImageLimits.from_cli(max_dim, max_image_gib, voxel_range_mm)
@@ -103,6 +107,7 @@ def convert(
     max_dim: int = MAX_DIM_OPTION,
     max_image_gib: float = MAX_IMAGE_GIB_OPTION,
     voxel_range_mm: str = VOXEL_RANGE_OPTION,
+    resample_masks: bool = RESAMPLE_MASKS_OPTION,
 ) -> None:
     """Convert a NIfTI dataset into a Zarr store (resumable, parallel on Ray).
 
@@ -122,6 +127,7 @@ def convert(
         progress=True,
         parallel=parallel,
         limits=_limits(max_dim, max_image_gib, voxel_range_mm),
+        resample_masks=resample_masks,
     )
     typer.echo(report.summary())
     if report.failed:
@@ -237,6 +243,7 @@ def predict(
     max_dim: int = MAX_DIM_OPTION,
     max_image_gib: float = MAX_IMAGE_GIB_OPTION,
     voxel_range_mm: str = VOXEL_RANGE_OPTION,
+    resample_masks: bool = RESAMPLE_MASKS_OPTION,
 ) -> None:
     """Predict lesion masks for new cases, written in each case's own space."""
     from stroke_ray.predict import predict_dataset
@@ -247,7 +254,7 @@ def predict(
     report = predict_dataset(
         files or input, model, output, tracking_uri=tracking_uri, save_probability=probability,
         device=device, progress=True, mask=mask, threshold=threshold,
-        limits=_limits(max_dim, max_image_gib, voxel_range_mm),
+        limits=_limits(max_dim, max_image_gib, voxel_range_mm), resample_masks=resample_masks,
     )
     typer.echo(report.summary())
     if report.failed and not report.predicted:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from stroke_ray.checks import check_image_values, check_mask_values, mask_on_grid, same_grid
 from stroke_ray.datasets import CaseFiles, Problem, open_dataset
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
@@ -31,8 +32,6 @@ NORMALIZATIONS = ("zscore", "none")
 # ADC, FLAIR and T1w alike without needing a skull-stripping model.
 BRAIN_FRACTION = 0.05
 ROBUST_PERCENTILE = 99.5
-# Affines equal to this tolerance (mm) are treated as the same grid (NIfTI stores float32).
-AFFINE_ATOL = 1e-3
 
 
 @dataclass
@@ -70,24 +69,16 @@ def _describe(vol: NiftiRead) -> dict[str, Any]:
     }
 
 
-def _read_volume(path: str | Path, limits: ImageLimits, allow_bad_affine: bool = False) -> NiftiRead:
-    """Read a 3D NIfTI header first (`nifti.read_nifti_file`), then check its values."""
-    vol = read_nifti_file(path, limits, allow_bad_affine=allow_bad_affine)
-    data = vol.data
-    if data.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise InputFileError(path, f"{bad} NaN/inf voxels")
+def _read_image(path: str | Path, limits: ImageLimits) -> NiftiRead:
+    """Read an image channel header first (`nifti.read_nifti_file`), then check its values."""
+    vol = read_nifti_file(path, limits)
+    check_image_values(vol)
     return vol
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, rtol=0, atol=AFFINE_ATOL)
 
 
 def _grid_info(shape, affine) -> dict[str, Any]:
@@ -117,10 +108,13 @@ def load_case(
     mask: str | Path | None = None,
     subject: str = "case",
     limits: ImageLimits = ImageLimits(),
+    resample_masks: bool = False,
 ) -> PreparedCase:
     """Read, validate and co-register one subject onto its first modality's grid.
 
-    Every file is read header first (`nifti.read_nifti_file`) under `limits`.
+    Every file is read header first (`nifti.read_nifti_file`) under `limits`, then its
+    values are checked (`checks`). Other modalities are resampled onto the first one's
+    grid; a mask on another grid is an error unless `resample_masks`.
 
     Raises:
         InputFileError: a file that fails a header or value check (one line: file, problem).
@@ -129,14 +123,14 @@ def load_case(
     if not images:
         raise ConfigError(f"{subject}: no image given")
     modalities = list(images)
-    reference = _read_volume(images[modalities[0]], limits)
+    reference = _read_image(images[modalities[0]], limits)
     ref_shape, ref_affine = reference.data.shape, reference.affine
     channels = [reference.data.astype(np.float32)]
     sources = {modalities[0]: _describe(reference)}
     for modality in modalities[1:]:
-        vol = _read_volume(images[modality], limits)
+        vol = _read_image(images[modality], limits)
         sources[modality] = _describe(vol)
-        if _same_grid(vol.data.shape, vol.affine, ref_shape, ref_affine):
+        if same_grid(vol.data.shape, vol.affine, ref_shape, ref_affine):
             channels.append(vol.data.astype(np.float32))
             continue
         moved = resample(vol.data, vol.affine, ref_shape, ref_affine, order=1, antialias=True)
@@ -150,28 +144,10 @@ def load_case(
 
     mask_array = None
     if mask is not None:
-        vol = _read_volume(mask, limits, allow_bad_affine=True)
+        vol = read_nifti_file(mask, limits, allow_bad_affine=True)
         sources["mask"] = _describe(vol)
-        bad = (vol.data != 0) & (vol.data != 1)
-        if np.any(bad):
-            values = np.unique(vol.data[bad])[:5]
-            raise InputFileError(
-                vol.source, f"mask is not binary: has values {', '.join(f'{v:g}' for v in values)} besides 0 and 1"
-            )
-        if _same_grid(vol.data.shape, vol.affine, ref_shape, ref_affine):
-            mask_array = vol.data.astype(np.uint8)
-        elif vol.affine_problem is not None:
-            raise InputFileError(
-                vol.source,
-                f"mask grid {vol.data.shape} does not match the {modalities[0]} grid {tuple(ref_shape)} "
-                f"and cannot be resampled onto it: {vol.affine_problem}",
-            )
-        else:
-            mask_array = resample_mask(vol.data, vol.affine, ref_shape, ref_affine)
-            if np.any(vol.data) and not np.any(mask_array):
-                raise InputFileError(
-                    vol.source, f"mask lesion lies outside the {modalities[0]} image's field of view"
-                )
+        check_mask_values(vol)
+        mask_array = mask_on_grid(vol, ref_shape, ref_affine, modalities[0], resample=resample_masks)
 
     stats = [brain_stats(c) for c in image]
     attrs = {
@@ -242,6 +218,7 @@ def convert_subject(
     levels: list[int],
     storage_options: dict | None = None,
     limits: ImageLimits = ImageLimits(),
+    resample_masks: bool = False,
 ) -> tuple[str, str, list[Problem]]:
     """Convert one subject into an existing store; returns (status, subject, problems).
 
@@ -252,7 +229,8 @@ def convert_subject(
         store = StrokeStore.open(store_url, mode="r+", storage_options=storage_options)
         if _recorded_checksums(store, case.subject) == _source_checksums(case):
             return "skipped", case.subject, []
-        prepared = load_case(case.images, case.mask, subject=case.subject, limits=limits)
+        prepared = load_case(case.images, case.mask, subject=case.subject, limits=limits,
+                             resample_masks=resample_masks)
         prepared.attrs["layout"] = case.layout
         store.write_subject(case.subject, make_levels(prepared, levels), prepared.attrs)
         return "converted", case.subject, []
@@ -285,13 +263,15 @@ def convert_dataset(
     storage_options: dict | None = None,
     parallel: bool = True,
     limits: ImageLimits = ImageLimits(),
+    resample_masks: bool = False,
 ) -> ConvertReport:
     """Convert a NIfTI dataset into a Zarr store, one Ray task per subject.
 
     Resumable: complete subjects whose source files are unchanged are skipped, partial ones
     are rewritten, changed ones reconverted. `parallel=False` converts in this process (no
     Ray), which also works for stores only this process can see, such as memory:// URLs.
-    `limits` bounds what any image header may declare (`nifti.ImageLimits`).
+    `limits` bounds what any image header may declare (`nifti.ImageLimits`); a mask on
+    another grid than its reference modality fails its subject unless `resample_masks`.
     """
     from tqdm.auto import tqdm
 
@@ -312,6 +292,7 @@ def convert_dataset(
     except (ValueError, OSError) as exc:
         raise StrokeRayError(str(exc)) from None
 
+    options = dict(levels=levels, storage_options=storage_options, limits=limits, resample_masks=resample_masks)
     counts = {"converted": 0, "skipped": 0, "failed": 0}
     failed = list(problems)
     bar = tqdm(total=len(cases), unit="subject", desc="convert", disable=not progress)
@@ -325,23 +306,23 @@ def convert_dataset(
 
     try:
         if parallel and cases:
-            _convert_on_ray(cases, store.url, levels, storage_options, limits, address, num_cpus, record)
+            _convert_on_ray(cases, store.url, options, address, num_cpus, record)
         else:
             for case in cases:
-                record(convert_subject(case, store.url, levels, storage_options, limits))
+                record(convert_subject(case, store.url, **options))
     finally:
         bar.close()
     return ConvertReport(counts["converted"], counts["skipped"], failed, store.url, time.perf_counter() - start)
 
 
-def _convert_on_ray(cases, store_url, levels, storage_options, limits, address, num_cpus, record) -> None:
+def _convert_on_ray(cases, store_url, options, address, num_cpus, record) -> None:
     import ray
 
     from stroke_ray.raycluster import connect
 
     connect(address, num_cpus=num_cpus)
     task = ray.remote(convert_subject).options(num_cpus=1, max_retries=0)
-    pending = {task.remote(case, store_url, levels, storage_options, limits): case for case in cases}
+    pending = {task.remote(case, store_url, **options): case for case in cases}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -275,6 +275,7 @@ def predict_dataset(
     threshold: float = 0.5,
     subjects: Sequence[str] | None = None,
     limits: ImageLimits | None = None,
+    resample_masks: bool = False,
 ) -> PredictReport:
     """Predict a lesion mask for every case of `inputs`, written in the case's own space.
 
@@ -320,7 +321,7 @@ def predict_dataset(
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         try:
             prepared = load_case({m: case.images[m] for m in needed}, mask=case.mask, subject=case.subject,
-                                 limits=limits or ImageLimits())
+                                 limits=limits or ImageLimits(), resample_masks=resample_masks)
             prediction = segmenter.predict(prepared)
             reference = nib.load(str(case.images[needed[0]]))
             mask_path = save_nifti(like_reference(prediction.mask, reference, np.uint8),

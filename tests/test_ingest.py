@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -167,6 +169,34 @@ def break_subject(paths: dict[str, Path], how: str) -> Path:
         bad = AFFINE.copy()
         bad[:3, 0] = 0.0
         return save_singular(paths["dwi"], blob_image(), bad)
+    if how == "inf-after-cast":
+        data = blob_image().astype(np.float64)
+        data[2, 3, 4] = 1e300
+        return save(paths["dwi"], data)
+    if how == "all-zero":
+        return save(paths["flair"], np.zeros(SHAPE, np.float32))
+    if how == "mask-other-grid":
+        shifted = AFFINE.copy()
+        shifted[0, 3] += 2.0
+        return save(paths["mask"], blob_mask(), shifted)
+    if how == "no-orientation":
+        paths["adc"].unlink()
+        nib.save(nib.Nifti1Image(blob_image(), None, header=nib.Nifti1Header()), str(paths["adc"]))
+        return paths["adc"]
+    if how == "voxel-size":
+        return save(paths["adc"], blob_image(), np.diag([2.0, 2.0, 40.0, 1.0]))
+    if how == "too-wide":
+        return save(paths["flair"], np.ones((1100, 2, 2), np.float32))
+    if how == "bomb":
+        # A valid header and image, then 64 MiB more zeros in the same gzip stream.
+        raw = nib.Nifti1Image(blob_image(), AFFINE).to_bytes()
+        comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        blob = comp.compress(raw) + b"".join(comp.compress(b"\0" * (1 << 20)) for _ in range(64)) + comp.flush()
+        paths["adc"].write_bytes(blob)
+        return paths["adc"]
+    if how == "empty-file":
+        paths["dwi"].write_bytes(b"")
+        return paths["dwi"]
     raise ValueError(how)
 
 
@@ -178,6 +208,14 @@ BAD = {
     "singular-mask-grid": "does not match the dwi grid .* cannot be resampled onto it: degenerate affine",
     "garbage": "not a readable NIfTI image",
     "degenerate": "degenerate affine",
+    "inf-after-cast": "1 voxels exceed the float32 range \\(largest 1e\\+300\\) and would become inf",
+    "all-zero": "every voxel is 0: the image is empty",
+    "mask-other-grid": "mask grid differs from the dwi grid \\(affines differ by up to 2 mm\\); pass --resample-masks",
+    "no-orientation": "no orientation: qform_code and sform_code are both 0",
+    "voxel-size": "voxel size 2 x 2 x 40 mm is outside the allowed 0.1-20 mm",
+    "too-wide": "image of shape \\(1100, 2, 2\\) is larger than the limit of 1024 voxels per axis",
+    "bomb": "image data is longer than the 6112 bytes its header promises",
+    "empty-file": "empty file",
 }
 
 
@@ -210,7 +248,9 @@ def test_trailing_singleton_dim_is_squeezed_and_mask_resampled(tmp_path):
     fine[:3, :3] /= 2
     fine[:3, 3] -= 0.5
     save(paths["mask"], np.repeat(np.repeat(np.repeat(blob_mask(), 2, 0), 2, 1), 2, 2).astype(np.uint16), fine)
-    case = load_case(images_of(paths), paths["mask"])
+    with pytest.raises(InputFileError, match="mask grid differs from the dwi grid .* vs .*; pass --resample-masks"):
+        load_case(images_of(paths), paths["mask"])
+    case = load_case(images_of(paths), paths["mask"], resample_masks=True)
     assert case.image.shape == (3, *SHAPE)
     np.testing.assert_array_equal(case.image[1], blob_image(1))
     np.testing.assert_array_equal(case.mask, blob_mask())
@@ -328,3 +368,25 @@ def test_cli_convert_exit_codes(mixed_dataset, tmp_path):
     result = runner.invoke(app, ["convert", str(root), "-o", out, "-m", "dwi,t2", "--in-process"])
     assert result.exit_code == 2
     assert "unknown modality 't2'" in result.output
+
+
+def test_every_bad_input_is_one_line_and_the_good_subjects_convert(tmp_path):
+    """One folder holding every kind of bad input beside two good subjects (CLI, in process)."""
+    root = tmp_path / "all-bad"
+    make_subject(root, "sub-good1", seed=0)
+    make_subject(root, "sub-good2", seed=5)
+    damaged = {}
+    for i, how in enumerate(sorted(BAD)):
+        damaged[f"sub-bad-{how}"] = break_subject(make_subject(root, f"sub-bad-{how}", seed=10 + i), how)
+    out = tmp_path / "all.zarr"
+    result = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--levels", "16", "--in-process"])
+    assert result.exit_code == 1, result.output
+    assert f"converted 2, skipped 0 (already complete), failed {len(BAD)}" in result.output
+    lines = result.output.replace("\r", "\n").splitlines()
+    for subject, path in damaged.items():
+        how = subject[len("sub-bad-"):]
+        mine = [line for line in lines if line.startswith(f"{subject}: ")]
+        assert len(mine) == 1, (subject, lines)
+        assert mine[0].startswith(f"{subject}: {path}: ")
+        assert re.search(BAD[how], mine[0]), (how, mine[0])
+    assert StrokeStore.open(str(out)).subjects() == ["sub-good1", "sub-good2"]

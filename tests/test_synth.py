@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,9 +15,9 @@ from typer.testing import CliRunner
 from stroke_ray.cli import app
 from stroke_ray.datasets import discover
 from stroke_ray.errors import InputFileError, StrokeRayError
-from stroke_ray.synth import ATLAS_SPACE, generate_dataset, mni_anatomy
+from stroke_ray.synth import ATLAS_SPACE, SYNTH_MARKER, generate_dataset, mni_anatomy
 
-SUBJECTS = [f"sub-strokecase{k:04d}" for k in range(1, 5)]
+SUBJECTS = [f"sub-synth{k:04d}" for k in range(1, 5)]
 
 
 def _isles_files(root: Path, sub: str) -> dict[str, Path]:
@@ -112,9 +114,10 @@ def test_lesion_volumes_range_from_dots_to_territories(synth_dataset):
 def test_same_seed_same_bytes_whatever_the_count(synth_dataset, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
     reference = _isles_files(Path(synth_dataset), SUBJECTS[0])
-    # A file half-written by an earlier, interrupted run is replaced.
+    # A file half-written by an earlier, interrupted run (which left its marker first) is replaced.
     broken = _isles_files(again, SUBJECTS[0])["dwi"]
     broken.parent.mkdir(parents=True)
+    (again / SYNTH_MARKER).write_text("{}")
     broken.write_bytes(reference["dwi"].read_bytes()[:1000])
 
     assert generate_dataset(again, num_cases=1, seed=0, progress=False) == [SUBJECTS[0]]
@@ -133,7 +136,7 @@ def test_atlas_case_from_the_cli(tmp_path):
     result = CliRunner().invoke(app, ["synth", "-o", str(out), "-n", "1", "--layout", "atlas", "--seed", "3"])
     assert result.exit_code == 0, result.output
 
-    sub = "sub-r001s001"
+    sub = "sub-synth0001"
     anat = out / sub / "ses-1" / "anat"
     t1 = nib.load(anat / f"{sub}_ses-1_{ATLAS_SPACE}_T1w.nii.gz")
     msk = nib.load(anat / f"{sub}_ses-1_{ATLAS_SPACE}_label-L_desc-T1lesion_mask.nii.gz")
@@ -171,3 +174,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     result = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "y"), "--layout", "brats"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: unknown layout 'brats'; expected one of isles22, atlas"]
+
+
+def test_synth_never_writes_into_a_folder_it_did_not_make(isles_sample, tmp_path):
+    real = tmp_path / "real"
+    shutil.copytree(isles_sample, real)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in real.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["synth", "-o", str(real), "-n", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {real}: folder is not empty and was not made by stroke-ray synth (no {SYNTH_MARKER}); "
+        "choose a new or empty folder"]
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in real.rglob("*") if p.is_file()}
+    assert after == before
+    # An empty folder is fine, and synthetic ids never look like a real dataset's.
+    (tmp_path / "empty").mkdir()
+    assert generate_dataset(tmp_path / "empty", num_cases=1, progress=False) == ["sub-synth0001"]
+    assert (tmp_path / "empty" / SYNTH_MARKER).is_file()

@@ -42,10 +42,12 @@ class SynthCase:
 
 
 def subject_id(index: int, layout: str = "isles22") -> str:
-    """Folder name of case `index` (0-based): sub-strokecase0001, or sub-r001s001 for ATLAS."""
-    if layout == "atlas":
-        return f"sub-r{1 + index // 999:03d}s{1 + index % 999:03d}"
-    return f"sub-strokecase{index + 1:04d}"
+    """Folder name of case `index` (0-based): sub-synth0001, in every layout.
+
+    Never a real dataset's id (ISLES'22 sub-strokecaseNNNN, ATLAS sub-rNNNsNNN), so a
+    synthetic case can neither be mistaken for a patient's nor land on one's files.
+    """
+    return f"sub-synth{index + 1:04d}"
 
 
 def synth_case(index: int, layout: str = "isles22", seed: int = 0,

@@ -16,9 +16,12 @@ from stroke_ray.synth.anatomy import mni_anatomy
 from stroke_ray.synth.cases import SynthCase, check_layout, synth_case
 from stroke_ray.synth.settings import SynthSettings, settings_for
 
-__all__ = ["ATLAS_SPACE", "generate_dataset", "write_case"]
+__all__ = ["ATLAS_SPACE", "SYNTH_MARKER", "generate_dataset", "write_case"]
 
 ATLAS_SPACE = "space-MNI152NLin2009aSym"
+# In the root of every folder synth makes: synth writes only into such a folder (or a new
+# or empty one).
+SYNTH_MARKER = ".stroke-ray-synth"
 
 
 def write_case(case: SynthCase, root: str | Path, seed: int = 0) -> list[Path]:
@@ -63,18 +66,19 @@ def generate_dataset(
         profile: `train` (the default), `shifted` (held-out cases from a distribution
             training never sees) or a SynthSettings; see docs/synthetic.md.
 
+    Writes only into a new or empty folder, or one it made itself (the `SYNTH_MARKER`
+    file), so it can never overwrite a real dataset.
+
     Raises:
         StrokeRayError: for an unknown layout or profile, or num_cases < 1.
-        InputFileError: if `output` exists and is not a directory.
+        InputFileError: if `output` is not a folder, or holds files synth did not make.
     """
     check_layout(layout)
     settings = settings_for(profile)
     if int(num_cases) < 1:
         raise StrokeRayError(f"num_cases must be at least 1, got {num_cases}")
     root = Path(output)
-    if root.exists() and not root.is_dir():
-        raise InputFileError(root, "exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
+    _claim_folder(root, layout, seed)
     atomic_write_text(root / "README.md", _readme(layout))
     _write_json(root / "dataset_description.json", _description(layout, seed, settings.profile))
 
@@ -87,6 +91,23 @@ def generate_dataset(
         write_case(case, root, seed=seed)
         subjects.append(case.subject)
     return subjects
+
+
+def _claim_folder(root: Path, layout: str, seed: int) -> None:
+    """Make `root` ours: new, empty, or already holding the marker; the marker comes first."""
+    if root.exists() and not root.is_dir():
+        raise InputFileError(root, "exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / SYNTH_MARKER).is_file():
+        raise InputFileError(
+            root, f"folder is not empty and was not made by stroke-ray synth (no {SYNTH_MARKER}); "
+                  "choose a new or empty folder"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(root, f"cannot create the folder ({exc.strerror})") from None
+    if not (root / SYNTH_MARKER).is_file():
+        _write_json(root / SYNTH_MARKER, {"made_by": "stroke-ray synth", "layout": layout, "seed": int(seed)})
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -137,11 +158,11 @@ def _description(layout: str, seed: int, profile: str) -> dict:
 
 def _readme(layout: str) -> str:
     files = (
-        "rawdata/sub-strokecaseNNNN/ses-0001/sub-strokecaseNNNN_ses-0001_{dwi,adc,flair}.nii.gz\n"
-        "    derivatives/sub-strokecaseNNNN/ses-0001/sub-strokecaseNNNN_ses-0001_msk.nii.gz"
+        "rawdata/sub-synthNNNN/ses-0001/sub-synthNNNN_ses-0001_{dwi,adc,flair}.nii.gz\n"
+        "    derivatives/sub-synthNNNN/ses-0001/sub-synthNNNN_ses-0001_msk.nii.gz"
         if layout == "isles22" else
-        f"sub-rXXXsYYY/ses-1/anat/sub-rXXXsYYY_ses-1_{ATLAS_SPACE}_T1w.nii.gz\n"
-        f"    sub-rXXXsYYY/ses-1/anat/sub-rXXXsYYY_ses-1_{ATLAS_SPACE}_label-L_desc-T1lesion_mask.nii.gz"
+        f"sub-synthNNNN/ses-1/anat/sub-synthNNNN_ses-1_{ATLAS_SPACE}_T1w.nii.gz\n"
+        f"    sub-synthNNNN/ses-1/anat/sub-synthNNNN_ses-1_{ATLAS_SPACE}_label-L_desc-T1lesion_mask.nii.gz"
     )
     return (
         "# Synthetic stroke dataset (NOT patient data)\n\n"

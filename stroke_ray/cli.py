@@ -244,6 +244,7 @@ def predict(
     max_image_gib: float = MAX_IMAGE_GIB_OPTION,
     voxel_range_mm: str = VOXEL_RANGE_OPTION,
     resample_masks: bool = RESAMPLE_MASKS_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in OUTPUT."),
 ) -> None:
     """Predict lesion masks for new cases, written in each case's own space."""
     from stroke_ray.predict import predict_dataset
@@ -255,6 +256,7 @@ def predict(
         files or input, model, output, tracking_uri=tracking_uri, save_probability=probability,
         device=device, progress=True, mask=mask, threshold=threshold,
         limits=_limits(max_dim, max_image_gib, voxel_range_mm), resample_masks=resample_masks,
+        overwrite=overwrite,
     )
     typer.echo(report.summary())
     if report.failed and not report.predicted:

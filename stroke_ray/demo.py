@@ -137,7 +137,8 @@ def run_demo(
     _, val = split_subjects(sorted(c.subject for c in cases), cfg.data.val_fraction, cfg.data.split_seed)
     out = work / "predictions"
     rep = predict_dataset(dataset, model_ref=str(sweep.best_checkpoint), output_dir=out,
-                          tracking_uri=tracking_uri, subjects=val, progress=False)
+                          tracking_uri=tracking_uri, subjects=val, progress=False,
+                          overwrite=True)  # the demo's own folder: a re-run refreshes it
     rows: list[dict] = list(rep.rows)
     for problem in rep.failed:
         say(f"prediction failed: {problem}")

@@ -18,9 +18,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from stroke_ray.errors import InputFileError, StrokeRayError
+from stroke_ray.errors import StrokeRayError
 from stroke_ray.files import atomic_write_text
 from stroke_ray.layouts.nnunet import channel_name, image_file, label_file
+from stroke_ray.outputs import claim_folder
 from stroke_ray.store import NATIVE, StrokeStore
 
 __all__ = ["EXPORT_MARKER", "ExportReport", "export_nnunet"]
@@ -40,22 +41,6 @@ class ExportReport:
     def summary(self) -> str:
         return (f"exported {len(self.subjects)} case(s) ({', '.join(self.modalities)}) as an nnU-Net v2 "
                 f"raw dataset to {self.output}")
-
-
-def _claim_folder(out: Path, store_url: str) -> None:
-    """Make `out` ours: new, empty, or already holding our marker."""
-    if out.exists() and not out.is_dir():
-        raise InputFileError(out, "exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise InputFileError(
-            out, f"folder is not empty and was not made by export-nnunet (no {EXPORT_MARKER}); "
-                 "choose a new or empty folder"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputFileError(out, f"cannot create the folder ({exc.strerror})") from None
-    atomic_write_text(out / EXPORT_MARKER, json.dumps({"made_by": "stroke-ray export-nnunet", "store": store_url}) + "\n")
 
 
 def _nifti(volume: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
@@ -98,7 +83,7 @@ def export_nnunet(
         raise StrokeRayError(f"{store_url}: the store has no complete subject to export")
     modalities = store.modalities
     out = Path(output)
-    _claim_folder(out, str(store_url))
+    claim_folder(out, EXPORT_MARKER, "export-nnunet", {"store": str(store_url)})
     images_dir, labels_dir = out / "imagesTr", out / "labelsTr"
     images_dir.mkdir(exist_ok=True)
     labels_dir.mkdir(exist_ok=True)

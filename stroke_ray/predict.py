@@ -37,6 +37,7 @@ from stroke_ray.files import atomic_write_bytes, strip_nifti_suffix
 from stroke_ray.grid import spacing_of
 from stroke_ray.metrics import METRIC_KEYS
 from stroke_ray.nifti import ImageLimits
+from stroke_ray.outputs import check_apart
 
 DEFAULT_MODEL_REF = "models:/stroke-ray-segmenter@champion"
 CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volume_ml", *METRIC_KEYS)
@@ -262,6 +263,20 @@ def _write_tables(out: Path, rows: list[dict], failed: list, model_ref: str, ver
     return [csv_path, json_path]
 
 
+def _keep_earlier_results(out: Path, subjects: list[str], save_probability: bool, overwrite: bool) -> None:
+    """Refuse to replace files of an earlier run unless asked to."""
+    if overwrite or not out.is_dir():
+        return
+    names = ["predictions.csv", "predictions.json"] + [f"{s}_mask.nii.gz" for s in subjects]
+    names += [f"{s}_prob.nii.gz" for s in subjects] if save_probability else []
+    existing = [name for name in names if (out / name).exists()]
+    if existing:
+        raise InputFileError(
+            out, f"already holds results of an earlier run ({', '.join(existing[:3])}"
+                 f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose another folder"
+        )
+
+
 def predict_dataset(
     inputs: str | Path | Mapping[str, str | Path],
     model_ref: str | Path = DEFAULT_MODEL_REF,
@@ -276,6 +291,7 @@ def predict_dataset(
     subjects: Sequence[str] | None = None,
     limits: ImageLimits | None = None,
     resample_masks: bool = False,
+    overwrite: bool = False,
 ) -> PredictReport:
     """Predict a lesion mask for every case of `inputs`, written in the case's own space.
 
@@ -284,7 +300,13 @@ def predict_dataset(
     `modalities` checks the channels against the checkpoint's (default: the checkpoint's
     own list). Every file is read header first under `limits` (default `ImageLimits()`).
     Unreadable cases are reported in the result and skipped; only a bad model or output
-    folder raises.
+    folder raises. The output folder may not be or hold any input (the dataset folder, an
+    image or a mask), and files of an earlier run there are kept unless `overwrite`.
+
+    Raises:
+        InputFileError: an output folder that holds an input, or that already holds
+            results (without `overwrite`), or that cannot be made; no case found.
+        ConfigError: a model trained on other modalities than `modalities`.
     """
     from tqdm.auto import tqdm
 
@@ -293,6 +315,8 @@ def predict_dataset(
     from stroke_ray.metrics import isles_metrics
 
     start = time.perf_counter()
+    given = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    check_apart(output_dir, [*given, *([mask] if mask else [])])
     segmenter = Segmenter.load(model_ref, tracking_uri=tracking_uri, device=device, threshold=threshold)
     needed = segmenter.modalities
     if modalities is not None and list(modalities) != needed:
@@ -311,6 +335,8 @@ def predict_dataset(
         raise InputFileError(str(inputs), "no cases found")
 
     out = Path(output_dir)
+    check_apart(out, [path for case in cases for path in (*case.images.values(), case.mask) if path])
+    _keep_earlier_results(out, [c.subject for c in cases], save_probability, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -191,3 +191,47 @@ def test_registered_champion_is_the_default_kind_of_reference(isles_sample, chec
     assert report.predicted == 1
     assert report.model_version == "stroke-ray-segmenter/v1"
     assert (tmp_path / "out" / "sub-strokecase0009_ses-0001_mask.nii.gz").is_file()
+
+
+def _sums(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_folder_holding_an_input_is_refused(isles_sample, checkpoint, tmp_path):
+    from stroke_ray.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(isles_sample, data)
+    (tmp_path / "link").symlink_to(data)
+    files = case_files(data)
+    before = _sums(tmp_path)
+    runner = CliRunner()
+    for out in (data, tmp_path, tmp_path / "link", files["dwi"].parent, mask_file(data).parent):
+        result = runner.invoke(app, ["predict", "-i", str(data), "-o", str(out), "-m", str(checkpoint)])
+        assert result.exit_code == 2, (out, result.output)
+        assert f"error: {out}: output folder holds the input" in result.output
+    # One case given as files: the folder of its FLAIR is refused as well.
+    result = runner.invoke(app, ["predict", "--dwi", str(files["dwi"]), "--adc", str(files["adc"]),
+                                 "--flair", str(files["flair"]), "-o", str(files["flair"].parent),
+                                 "-m", str(checkpoint)])
+    assert result.exit_code == 2 and "output folder holds the input" in result.output
+    assert _sums(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_earlier_results_are_kept_unless_overwrite(isles_sample, checkpoint, tmp_path):
+    from stroke_ray.cli import app
+
+    out = tmp_path / "out"
+    args = ["predict", "-i", str(isles_sample), "-o", str(out), "-m", str(checkpoint)]
+    runner = CliRunner()
+    assert runner.invoke(app, args).exit_code == 0
+    first = _sums(out)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2
+    assert (f"error: {out}: already holds results of an earlier run (predictions.csv, predictions.json, "
+            "sub-strokecase0009_mask.nii.gz); pass --overwrite") in again.output
+    assert _sums(out) == first
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert sorted(_sums(out)) == sorted(first)

@@ -9,9 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from stroke_ray.errors import InputFileError, StrokeRayError
+from stroke_ray.errors import StrokeRayError
 from stroke_ray.files import atomic_write_bytes, atomic_write_text
 from stroke_ray.grid import spacing_of
+from stroke_ray.outputs import claim_folder
 from stroke_ray.synth.anatomy import mni_anatomy
 from stroke_ray.synth.cases import SynthCase, check_layout, synth_case
 from stroke_ray.synth.settings import SynthSettings, settings_for
@@ -78,7 +79,7 @@ def generate_dataset(
     if int(num_cases) < 1:
         raise StrokeRayError(f"num_cases must be at least 1, got {num_cases}")
     root = Path(output)
-    _claim_folder(root, layout, seed)
+    claim_folder(root, SYNTH_MARKER, "stroke-ray synth", {"layout": layout, "seed": int(seed)})
     atomic_write_text(root / "README.md", _readme(layout))
     _write_json(root / "dataset_description.json", _description(layout, seed, settings.profile))
 
@@ -91,23 +92,6 @@ def generate_dataset(
         write_case(case, root, seed=seed)
         subjects.append(case.subject)
     return subjects
-
-
-def _claim_folder(root: Path, layout: str, seed: int) -> None:
-    """Make `root` ours: new, empty, or already holding the marker; the marker comes first."""
-    if root.exists() and not root.is_dir():
-        raise InputFileError(root, "exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / SYNTH_MARKER).is_file():
-        raise InputFileError(
-            root, f"folder is not empty and was not made by stroke-ray synth (no {SYNTH_MARKER}); "
-                  "choose a new or empty folder"
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputFileError(root, f"cannot create the folder ({exc.strerror})") from None
-    if not (root / SYNTH_MARKER).is_file():
-        _write_json(root / SYNTH_MARKER, {"made_by": "stroke-ray synth", "layout": layout, "seed": int(seed)})
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from stroke_ray.synth import PROFILES, synth_case
+from stroke_ray.synth import PROFILES, synth_case, without_artefacts
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isles22-sample"
 SUBJECT = "sub-strokecase0009"
@@ -39,7 +39,7 @@ def real_case() -> dict[str, np.ndarray]:
 def synthetic(index: int, profile: str, artefacts: bool = True) -> dict[str, np.ndarray]:
     settings = PROFILES[profile]
     if not artefacts:
-        settings = settings.model_copy(update={"artefacts": settings.artefacts.model_copy(update={"probability": 0.0})})
+        settings = without_artefacts(settings)
     case = synth_case(index, seed=0, settings=settings)
     arrays = {m: image for m, (image, _) in case.images.items()}
     arrays["mask"] = case.mask > 0

@@ -80,11 +80,15 @@ def synth(
     profile: str = typer.Option(
         "train", help="train, or shifted: held-out cases from settings training never sees "
         "(other scanners, orientations, contrasts, embolic clusters)."),
+    artefacts: bool = typer.Option(
+        True, "--artefacts/--no-artefacts",
+        help="Real-scan DWI artefacts (bright rims, normal ADC) as the profile sets them, or none."),
 ) -> None:
     """Generate synthetic stroke cases on real MNI152 anatomy."""
-    from stroke_ray.synth import generate_dataset
+    from stroke_ray.synth import generate_dataset, settings_for, without_artefacts
 
-    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True, profile=profile)
+    settings = settings_for(profile) if artefacts else without_artefacts(settings_for(profile))
+    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True, profile=settings)
     typer.echo(f"wrote {len(subjects)} synthetic {layout} case(s) ({profile} profile) to {output}")
 
 

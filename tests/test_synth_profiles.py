@@ -14,10 +14,17 @@ from stroke_ray.cli import app
 from stroke_ray.datasets import discover
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.metrics import label_lesions
-from stroke_ray.synth import PROFILES, Artefacts, SynthSettings, generate_dataset, synth_case
+from stroke_ray.synth import (
+    PROFILES,
+    Artefacts,
+    SynthSettings,
+    generate_dataset,
+    synth_case,
+    without_artefacts,
+)
 from stroke_ray.synth.cases import isles_grids
 
-NO_ARTEFACTS = PROFILES["train"].model_copy(update={"artefacts": Artefacts(probability=0.0)})
+NO_ARTEFACTS = without_artefacts(PROFILES["train"])
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
@@ -155,3 +162,7 @@ def test_generate_dataset_takes_settings(tmp_path):
     sub = subjects[0]
     sidecar = json.loads((tmp_path / "d" / "rawdata" / sub / "ses-0001" / f"{sub}_ses-0001_dwi.json").read_text())
     assert sidecar["SyntheticLesion"]["artefacts"] is None
+    result = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "e"), "-n", "1", "--no-artefacts"])
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "e" / "rawdata" / sub / "ses-0001" / f"{sub}_ses-0001_dwi.nii.gz"
+    assert again.read_bytes() == (tmp_path / "d" / "rawdata" / sub / "ses-0001" / again.name).read_bytes()

@@ -19,12 +19,19 @@ from stroke_ray.synth.anatomy import Anatomy, Grid, SubjectTransform, mni_anatom
 from stroke_ray.synth.cases import BRAIN_SCALE, LAYOUTS, SynthCase, subject_id, synth_case
 from stroke_ray.synth.contrast import CONTRASTS, FLAIR_MISMATCH_P, Contrast
 from stroke_ray.synth.lesions import LESION_CLASSES, TERRITORIES
-from stroke_ray.synth.settings import PROFILES, Artefacts, Scanner, SynthSettings, settings_for
+from stroke_ray.synth.settings import (
+    PROFILES,
+    Artefacts,
+    Scanner,
+    SynthSettings,
+    settings_for,
+    without_artefacts,
+)
 from stroke_ray.synth.writing import ATLAS_SPACE, SYNTH_MARKER, generate_dataset, write_case
 
 __all__ = [
     "ATLAS_SPACE", "Anatomy", "Artefacts", "BRAIN_SCALE", "CONTRASTS", "Contrast", "FLAIR_MISMATCH_P",
     "Grid", "LAYOUTS", "LESION_CLASSES", "PROFILES", "Scanner", "SubjectTransform", "SynthCase",
     "SYNTH_MARKER", "SynthSettings", "TERRITORIES", "generate_dataset", "mni_anatomy", "settings_for", "subject_id",
-    "synth_case", "write_case",
+    "synth_case", "without_artefacts", "write_case",
 ]

@@ -17,7 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from stroke_ray.errors import StrokeRayError
 
-__all__ = ["PROFILES", "Artefacts", "Scanner", "SynthSettings", "pick", "settings_for", "uniform"]
+__all__ = ["PROFILES", "Artefacts", "Scanner", "SynthSettings", "pick", "settings_for", "uniform",
+           "without_artefacts"]
 
 
 
@@ -163,6 +164,12 @@ def settings_for(profile: str | SynthSettings | None) -> SynthSettings:
     if profile not in PROFILES:
         raise StrokeRayError(f"unknown synthetic profile {profile!r}; expected one of {', '.join(PROFILES)}")
     return PROFILES[profile]
+
+
+def without_artefacts(settings: SynthSettings) -> SynthSettings:
+    """The same settings with the real-scan artefacts switched off (everything else the
+    same case by case: artefacts have their own random stream)."""
+    return settings.model_copy(update={"artefacts": settings.artefacts.model_copy(update={"probability": 0.0})})
 
 
 def pick(rng, options: tuple):

@@ -157,6 +157,9 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run name; re-using a name resumes that run."),
     store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Total epochs (overrides epochs)."),
+    augment: Optional[str] = typer.Option(
+        None, help="Augmentation preset: none, light or strong (overrides augment.preset; "
+        "per-transform settings in the config stay)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
 ) -> None:
@@ -170,6 +173,8 @@ def train(
             raw[key] = value
     if store is not None:
         raw["data"]["store"] = store
+    if augment is not None:
+        raw["augment"]["preset"] = augment
     result = run_training(TrainConfig.from_dict(raw, source=str(config)), address=address)
     metrics = result.metrics or {}
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)

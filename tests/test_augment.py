@@ -231,3 +231,17 @@ def test_blur_matches_scipy():
         # scipy's radius is int(truncate * sigma + 0.5); ours ceil(3 * max sigma) = 3 for all
         expect = gaussian_filter(rows[r].double().numpy(), sigma[r].tolist(), mode="nearest", radius=3)
         assert torch.allclose(out[r].double(), torch.from_numpy(expect), atol=1e-5)
+
+
+def test_train_command_rejects_a_bad_preset(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stroke_ray.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "train.yaml"
+    config.write_text("augment: {preset: light, elastic: {p: 0.3}}\n")
+    # a bad preset fails at validation, before any store, Ray or MLflow run is touched
+    out = CliRunner().invoke(app, ["train", "--config", str(config), "--augment", "heavy"])
+    assert out.exit_code == 2 and "augment.preset" in out.output and "train.yaml" in out.output
+    assert not (tmp_path / "mlflow.db").exists()

@@ -84,7 +84,8 @@ def main() -> None:
     import ray
 
     from stroke_ray.config import TrainConfig
-    from stroke_ray.tune import SearchSpace, run_sweep
+    from stroke_ray.search_space import SearchSpace
+    from stroke_ray.tune import run_sweep
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import typer
 
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.model_ref import CHAMPION_URI, run_model_uri
 from stroke_ray.nifti import GIB, ImageLimits
 
 app = typer.Typer(
@@ -181,7 +182,8 @@ def train(
     typer.echo(f"trained {raw['name']}: {shown}")
     if result.checkpoint is not None:
         typer.echo(f"checkpoint: {result.checkpoint.path}")
-    typer.echo(f"mlflow run: {getattr(result, 'mlflow_run_id', '?')} (model: runs:/{getattr(result, 'mlflow_run_id', '?')}/model)")
+    run_id = getattr(result, "mlflow_run_id", "?")
+    typer.echo(f"mlflow run: {run_id} (model: {run_model_uri(run_id)})")
 
 
 @app.command()
@@ -201,7 +203,8 @@ def tune(
 ) -> None:
     """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion."""
     from stroke_ray.config import TrainConfig
-    from stroke_ray.tune import SearchSpace, run_sweep
+    from stroke_ray.search_space import SearchSpace
+    from stroke_ray.tune import run_sweep
 
     base = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
     if store is not None:
@@ -237,7 +240,7 @@ def predict(
     input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (any layout convert reads)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for masks and predictions.csv/json."),
     model: str = typer.Option(
-        "models:/stroke-ray-segmenter@champion", "-m", "--model",
+        CHAMPION_URI, "-m", "--model",
         help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
     ),
     dwi: Optional[Path] = typer.Option(None, help="One case: its DWI file."),
@@ -276,7 +279,7 @@ def predict(
 @_user_errors
 def serve(
     model: str = typer.Option(
-        "models:/stroke-ray-segmenter@champion", "-m", "--model",
+        CHAMPION_URI, "-m", "--model",
         help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
     ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),

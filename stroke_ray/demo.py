@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stroke_ray.config import TrainConfig
+from stroke_ray.model_ref import CHAMPION_URI
 
 SMOKE_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 DEMO_LEVEL = 64
@@ -37,7 +38,7 @@ class DemoResult:
             f"dataset      {self.dataset}",
             f"store        {self.store}",
             f"sweep        {self.sweep_dir}  (report: {self.sweep_dir / 'report.md'})",
-            f"best model   {self.sweep_dir / 'best' / 'checkpoint.pt'}  = models:/stroke-ray-segmenter@champion",
+            f"best model   {self.sweep_dir / 'best' / 'checkpoint.pt'}  = {CHAMPION_URI}",
             f"predictions  {self.predictions}",
         ]
         for row in self.metrics:

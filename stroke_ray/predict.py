@@ -21,7 +21,6 @@ never leaves a half-written file. A case that cannot be read is reported and ski
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -36,10 +35,10 @@ from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.files import atomic_write_bytes, strip_nifti_suffix
 from stroke_ray.grid import spacing_of
 from stroke_ray.metrics import METRIC_KEYS
+from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint, version_label
 from stroke_ray.nifti import ImageLimits
 from stroke_ray.outputs import check_apart
 
-DEFAULT_MODEL_REF = "models:/stroke-ray-segmenter@champion"
 CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volume_ml", *METRIC_KEYS)
 
 
@@ -51,45 +50,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def checkpoint_path(model_ref: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint for a file/dir path, models:/name@alias, models:/name/N or runs:/..."""
-    local = Path(str(model_ref)).expanduser()
-    if local.exists():
-        # A plain file or folder needs no tracking server.
-        return local
-    from stroke_ray.tracking import resolve_checkpoint
-
-    return Path(resolve_checkpoint(str(model_ref), tracking_uri=tracking_uri))
-
-
-def model_version(model_ref: str | Path, checkpoint: Path, tracking_uri: str | None = None) -> str:
-    """A short label for the exact weights being used.
-
-    Registered models are named by their registry version ("stroke-ray-segmenter/v3"), so
-    a moved alias shows up; anything else by the checkpoint file's content hash.
-    """
-    ref = str(model_ref)
-    if ref.startswith("models:/"):
-        name_part = ref[len("models:/"):]
-        try:
-            if "@" in name_part:
-                name, alias = name_part.split("@", 1)
-                from stroke_ray.tracking import client_for
-
-                client = client_for(tracking_uri)
-                return f"{name}/v{client.get_model_version_by_alias(name, alias).version}"
-            name, number = name_part.rsplit("/", 1)
-            return f"{name}/v{int(number)}"
-        except Exception:  # noqa: BLE001 - the label is informative only; fall back to the hash
-            pass
-    file = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -106,7 +66,7 @@ class Segmenter:
     @classmethod
     def load(
         cls,
-        model_ref: str | Path = DEFAULT_MODEL_REF,
+        model_ref: str | Path = CHAMPION_URI,
         tracking_uri: str | None = None,
         device: str | None = None,
         threshold: float = 0.5,
@@ -115,9 +75,9 @@ class Segmenter:
         from stroke_ray.checkpoint import load_checkpoint
 
         device = device or default_device()
-        path = checkpoint_path(model_ref, tracking_uri)
+        path = resolve_checkpoint(model_ref, tracking_uri)
         loaded = load_checkpoint(path, device=device)
-        version = model_version(model_ref, path, tracking_uri)
+        version = version_label(model_ref, path, tracking_uri)
         return cls(loaded=loaded, model_ref=str(model_ref), version=version, device=device, threshold=threshold)
 
     @property
@@ -279,7 +239,7 @@ def _keep_earlier_results(out: Path, subjects: list[str], save_probability: bool
 
 def predict_dataset(
     inputs: str | Path | Mapping[str, str | Path],
-    model_ref: str | Path = DEFAULT_MODEL_REF,
+    model_ref: str | Path = CHAMPION_URI,
     output_dir: str | Path = "predictions",
     tracking_uri: str | None = None,
     modalities: list[str] | None = None,

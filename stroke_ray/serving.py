@@ -38,8 +38,8 @@ from ray import serve
 from stroke_ray.errors import InputFileError, StrokeRayError
 from stroke_ray.files import strip_nifti_suffix
 from stroke_ray.locations import absolute
+from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint
 from stroke_ray.predict import (
-    DEFAULT_MODEL_REF,
     Segmenter,
     lesion_stats,
     like_reference,
@@ -129,7 +129,7 @@ class StrokeSegmenter:
 
     def __init__(
         self,
-        model_ref: str = DEFAULT_MODEL_REF,
+        model_ref: str = CHAMPION_URI,
         tracking_uri: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         device: str | None = None,
@@ -251,7 +251,7 @@ class StrokeSegmenter:
 
 
 def build_app(
-    model_ref: str | Path = DEFAULT_MODEL_REF,
+    model_ref: str | Path = CHAMPION_URI,
     *,
     tracking_uri: str | None = None,
     num_replicas: int = 1,
@@ -294,7 +294,7 @@ def build_app(
 
 
 def start_server(
-    model_ref: str | Path = DEFAULT_MODEL_REF,
+    model_ref: str | Path = CHAMPION_URI,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -308,11 +308,10 @@ def start_server(
     Returns once the replicas answer. `app_options` go to `build_app` (replicas,
     autoscaling, GPUs, upload limit, tracking URI).
     """
-    from stroke_ray.predict import checkpoint_path
     from stroke_ray.raycluster import connect
 
     # Fail here, with one clear line, rather than in a replica that retries.
-    checkpoint_path(model_ref, app_options.get("tracking_uri"))
+    resolve_checkpoint(model_ref, app_options.get("tracking_uri"))
     connect(address)
     serve.start(http_options={"host": host, "port": int(port)})
     application = build_app(model_ref, **app_options)

@@ -1,4 +1,4 @@
-"""Experiment tracking and the model registry, on MLflow.
+"""Experiment tracking on MLflow: experiments, runs, params, metrics, overlay images.
 
 Everything goes through `MlflowClient` with explicit run ids: no global active run, so the
 same functions work in the driver, inside a Ray Train worker and inside a Ray Tune trial.
@@ -6,10 +6,8 @@ Runs are found again by a tag (`stroke_ray.run_name`, plus the parent run id for
 runs), so a resumed training or sweep logs into the run it started instead of creating a
 duplicate.
 
-A trained model is logged as its checkpoint file under the run's `model/` artifact folder
-and registered from there (`runs:/<run_id>/model`); `resolve_checkpoint` turns any model
-reference (a path, `runs:/...`, `models:/name@alias`, `models:/name/3`) into a local
-`checkpoint.pt`.
+A sweep is one parent run with one nested run per trial (`sweep_parent_run`, `trial_run`),
+found again by the tags below when it resumes. Models and the registry are `model_ref`'s.
 """
 
 from __future__ import annotations
@@ -25,11 +23,36 @@ import numpy as np
 from stroke_ray.config import flatten
 from stroke_ray.errors import StrokeRayError
 
-REGISTERED_MODEL = "stroke-ray-segmenter"
-CHAMPION_ALIAS = "champion"
+__all__ = [
+    "KIND_TAG",
+    "PARENT_TAG",
+    "RUN_NAME_TAG",
+    "TAG_SWEEP",
+    "TAG_TRIAL",
+    "client_for",
+    "close_trial_run",
+    "default_tracking_uri",
+    "find_run",
+    "find_run_by_tags",
+    "get_or_create_experiment",
+    "get_or_create_run",
+    "log_metrics",
+    "log_overlays",
+    "log_params_flat",
+    "log_text",
+    "logged_steps",
+    "overlay_figure",
+    "sweep_parent_run",
+    "trial_run",
+]
+
 RUN_NAME_TAG = "stroke_ray.run_name"
+# MLflow's own tag for a nested run's parent (the UI nests runs by it).
 PARENT_TAG = "mlflow.parentRunId"
-MODEL_ARTIFACT = "model"
+# Tags that make a sweep's MLflow runs findable again when the sweep resumes.
+KIND_TAG = "stroke_ray.kind"  # "sweep", "trial" or "train"
+TAG_SWEEP = "stroke_ray.sweep_dir"
+TAG_TRIAL = "stroke_ray.trial_id"
 
 
 def default_tracking_uri() -> str:
@@ -123,6 +146,41 @@ def get_or_create_run(
         all_tags[PARENT_TAG] = parent_run_id
     exp_id = get_or_create_experiment(client, experiment)
     return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def find_run_by_tags(client, experiment_id: str, tags: Mapping[str, str]):
+    """The newest run of the experiment carrying all `tags`, or None."""
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def sweep_parent_run(client, experiment_id: str, sweep_dir: str, name: str, reuse: bool) -> str:
+    """The sweep's parent run: the one tagged with `sweep_dir` when `reuse`, else a new one."""
+    tags = {TAG_SWEEP: sweep_dir, KIND_TAG: "sweep"}
+    if reuse:
+        run = find_run_by_tags(client, experiment_id, tags)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def trial_run(client, experiment: str, parent_id: str, sweep_dir: str, trial_id: str) -> str:
+    """A trial's nested run: the same one again when a resumed sweep re-runs the trial."""
+    return get_or_create_run(
+        client, experiment, f"trial-{trial_id}", parent_run_id=parent_id,
+        tags={TAG_TRIAL: trial_id, TAG_SWEEP: sweep_dir, KIND_TAG: "trial"},
+    )
+
+
+def close_trial_run(tracking_uri: str, experiment: str, parent_id: str, trial_id: str, status: str) -> None:
+    """End a trial's run with `status` if it is still RUNNING (Tune stopped its driver)."""
+    client = client_for(tracking_uri)
+    run_id = find_run(client, experiment, f"trial-{trial_id}", parent_id)
+    if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
 
 
 def log_params_flat(client, run_id: str, nested: Mapping[str, Any]) -> dict[str, str]:
@@ -242,120 +300,3 @@ def log_overlays(
 def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
     """Log a small text file (e.g. the config YAML) as an artifact."""
     client.log_text(run_id, text, artifact_file)
-
-
-def log_model(
-    client,
-    run_id: str,
-    checkpoint_path: str | Path,
-    registered_name: str | None = None,
-    artifact_path: str = MODEL_ARTIFACT,
-) -> str:
-    """Log a checkpoint as `<artifact_path>/checkpoint.pt` of the run; returns the model URI.
-
-    The URI is `runs:/<run_id>/model`, or `models:/<name>/<version>` when `registered_name`
-    is given (a new version of that registered model is created from the run artifact).
-    """
-    from stroke_ray.checkpoint import CHECKPOINT_FILE, checkpoint_file
-
-    file = checkpoint_file(checkpoint_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        # The artifact is always named checkpoint.pt, whatever the local file is called.
-        staged = Path(tmp) / CHECKPOINT_FILE
-        staged.write_bytes(file.read_bytes())
-        client.log_artifact(run_id, str(staged), artifact_path)
-    uri = f"runs:/{run_id}/{artifact_path}"
-    if registered_name is None:
-        return uri
-    version = _create_version(client, registered_name, uri, run_id)
-    return f"models:/{registered_name}/{version}"
-
-
-def _create_version(client, name: str, source: str, run_id: str | None, tags: Mapping | None = None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            client.get_registered_model(name)  # created meanwhile by another process
-    mv = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
-    )
-    return str(mv.version)
-
-
-_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
-_MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
-_RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)(?:/(?P<path>.*))?$")
-
-
-def register_champion(
-    model_uri: str,
-    name: str = REGISTERED_MODEL,
-    alias: str = CHAMPION_ALIAS,
-    tags: Mapping[str, Any] | None = None,
-    tracking_uri: str | None = None,
-    client=None,
-) -> str:
-    """Point `name@alias` at `model_uri` (a `runs:/` URI or a version of `name`); returns the version."""
-    client = client or client_for(tracking_uri)
-    m = _MODELS_VERSION.match(model_uri)
-    if m and m["name"] == name:
-        version = m["version"]
-        for key, value in (tags or {}).items():
-            client.set_model_version_tag(name, version, key, str(value))
-    else:
-        if m:  # a version of another registered model: register its source under `name`
-            src = client.get_model_version(m["name"], m["version"])
-            source, run_id = src.source, src.run_id
-        else:
-            r = _RUNS.match(model_uri)
-            source, run_id = model_uri, (r["run_id"] if r else None)
-        version = _create_version(client, name, source, run_id, tags)
-    client.set_registered_model_alias(name, alias, version)
-    return str(version)
-
-
-def _download(client, source: str, dst: Path) -> Path:
-    r = _RUNS.match(source)
-    if r:
-        return Path(client.download_artifacts(r["run_id"], r["path"] or "", str(dst)))
-    import mlflow.artifacts
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=client.tracking_uri))
-
-
-def resolve_checkpoint(model_ref: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """A local `checkpoint.pt` for a file/dir path, `runs:/id/path`, `models:/name@alias` or `models:/name/N`.
-
-    Registry and run references are downloaded into `dst` (a new temporary folder by default).
-    """
-    from mlflow.exceptions import MlflowException
-
-    from stroke_ray.checkpoint import checkpoint_file
-
-    ref = str(model_ref)
-    if not ref.startswith(("models:/", "runs:/")):
-        return checkpoint_file(ref)
-    client = client_for(tracking_uri)
-    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="stroke-ray-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        if (m := _MODELS_ALIAS.match(ref)) is not None:
-            source = client.get_model_version_by_alias(m["name"], m["alias"]).source
-        elif (m := _MODELS_VERSION.match(ref)) is not None:
-            source = client.get_model_version(m["name"], m["version"]).source
-        elif _RUNS.match(ref):
-            source = ref
-        else:
-            raise StrokeRayError(f"{ref}: not a model reference (use models:/name@alias, models:/name/N or runs:/id/path)")
-        local = _download(client, source, dst)
-    except MlflowException as exc:
-        raise StrokeRayError(f"{ref}: cannot resolve in {client.tracking_uri} ({exc.message})") from exc
-    try:
-        return checkpoint_file(local)
-    except StrokeRayError as exc:
-        raise StrokeRayError(f"{ref}: the referenced artifact holds no checkpoint.pt") from exc

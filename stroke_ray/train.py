@@ -351,7 +351,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     Re-running with the same name resumes both the Ray Train run and the MLflow run. The
     final checkpoint is logged as the run's `model/checkpoint.pt`.
     """
-    from stroke_ray import tracking
+    from stroke_ray import model_ref, tracking
     from stroke_ray.raycluster import connect
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": absolute(cfg.data.store)})})
@@ -359,7 +359,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     connect(address)
     uri = cfg.tracking_uri or tracking.default_tracking_uri()
     client = tracking.client_for(uri)
-    run_id = tracking.get_or_create_run(client, cfg.experiment, cfg.name, tags={"stroke_ray.kind": "train"})
+    run_id = tracking.get_or_create_run(client, cfg.experiment, cfg.name, tags={tracking.KIND_TAG: "train"})
     try:
         trainer = build_trainer(cfg, mlflow_run_id=run_id, tracking_uri=uri)
         result = trainer.fit()
@@ -368,7 +368,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
         raise
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            tracking.log_model(client, run_id, d)
+            model_ref.log_model(client, run_id, d)
     client.set_terminated(run_id, "FINISHED")
     result.mlflow_run_id = run_id  # handy for callers; Result is a plain dataclass
     return result

@@ -38,7 +38,8 @@ def test_demo_predicts_the_held_out_cases_in_their_own_space(demo):
 
 
 def test_demo_registers_the_sweep_champion(demo):
-    from stroke_ray.tracking import CHAMPION_ALIAS, REGISTERED_MODEL, client_for
+    from stroke_ray.model_ref import CHAMPION_ALIAS, REGISTERED_MODEL
+    from stroke_ray.tracking import client_for
 
     result, _ = demo
     client = client_for(result.tracking_uri)

@@ -180,12 +180,12 @@ def test_cli_bad_model_is_one_line(tmp_path, isles_sample):
 
 
 def test_registered_champion_is_the_default_kind_of_reference(isles_sample, checkpoint, tmp_path):
-    from stroke_ray import tracking
+    from stroke_ray import model_ref, tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.client_for(uri)
     run_id = tracking.get_or_create_run(client, "predict-test", "trained")
-    tracking.register_champion(tracking.log_model(client, run_id, checkpoint), tracking_uri=uri)
+    model_ref.register_champion(model_ref.log_model(client, run_id, checkpoint), tracking_uri=uri)
     report = predict_dataset(case_files(isles_sample), "models:/stroke-ray-segmenter@champion",
                              tmp_path / "out", tracking_uri=uri, progress=False)
     assert report.predicted == 1

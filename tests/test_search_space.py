@@ -10,7 +10,8 @@ import yaml
 
 from stroke_ray.config import AUGMENT_PRESETS, TrainConfig
 from stroke_ray.errors import ConfigError
-from stroke_ray.tune import SearchSpace, TrialSummary, param_importances
+from stroke_ray.search_space import SearchSpace
+from stroke_ray.sweep_report import TrialSummary, param_importances
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -177,13 +178,13 @@ def test_levels_a_space_can_train_on():
 
 
 def test_trial_error_line_is_the_exception_not_the_task_header():
-    from stroke_ray.tune import _error_line
+    from stroke_ray.sweep_report import error_line
 
     err = RuntimeError(
         "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=x)\n  File \"a.py\", line 3, in f\n"
         "    raise StrokeRayError(msg)\nstroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2\n\n"
     )
-    assert _error_line(err) == "stroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2"
+    assert error_line(err) == "stroke_ray.errors.StrokeRayError: /s.zarr: needs at least 2"
 
 
 def test_search_space_accepts_nested_augment_fields():

@@ -1,16 +1,12 @@
-"""MLflow tracking on a real sqlite store: idempotent runs, params, metrics, overlays, registry."""
+"""MLflow tracking on a real sqlite store: idempotent runs, params, metrics, overlays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from stroke_ray import tracking
-from stroke_ray.checkpoint import load_checkpoint, save_checkpoint
-from stroke_ray.config import TrainConfig
 from stroke_ray.errors import StrokeRayError
-from stroke_ray.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -81,58 +77,3 @@ def test_overlays_are_png_artifacts(client, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Slices go through the lesion.
     assert all(5 <= z <= 10 for z in tracking._slices(truth > 0, pred > 0, 3))
-
-
-def _checkpoint(directory):
-    cfg = TrainConfig.from_dict({"model": {"widths": [4, 8, 16]}})
-    torch.manual_seed(0)
-    model = build_model(cfg.model, in_channels=1)
-    return save_checkpoint(directory, model=model, epoch=1, config=cfg, modalities=["t1w"], normalization="zscore"), model
-
-
-def test_model_logging_registry_and_resolution(client, tmp_path):
-    uri = client.tracking_uri
-    ckpt, model = _checkpoint(tmp_path / "ckpt")
-    run = tracking.get_or_create_run(client, "exp-train", "train")
-    model_uri = tracking.log_model(client, run, ckpt)
-    assert model_uri == f"runs:/{run}/model"
-
-    version = tracking.register_champion(model_uri, tags={"val_dice": 0.7}, tracking_uri=uri)
-    assert version == "1"
-    mv = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION_ALIAS)
-    assert str(mv.version) == "1" and mv.tags["val_dice"] == "0.7" and mv.run_id == run
-
-    x = torch.randn(1, 1, 8, 8, 8)
-    model.eval()
-    expected = model(x)
-    refs = [
-        str(ckpt),
-        str(ckpt.parent),
-        f"runs:/{run}/model",
-        f"runs:/{run}/model/checkpoint.pt",
-        f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION_ALIAS}",
-        f"models:/{tracking.REGISTERED_MODEL}/1",
-    ]
-    for i, ref in enumerate(refs):
-        local = tracking.resolve_checkpoint(ref, tracking_uri=uri, dst=tmp_path / f"dl{i}")
-        assert local.name == "checkpoint.pt", ref
-        with torch.no_grad():
-            assert torch.equal(load_checkpoint(local).model(x), expected), ref
-
-    # A second registration moves the alias; registering a version of the same model reuses it.
-    second = tracking.log_model(client, run, ckpt, registered_name=tracking.REGISTERED_MODEL)
-    assert second == f"models:/{tracking.REGISTERED_MODEL}/2"
-    assert tracking.register_champion(second, tracking_uri=uri) == "2"
-    assert str(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version) == "2"
-
-
-def test_bad_references_give_one_clear_error(client, tmp_path):
-    uri = client.tracking_uri
-    with pytest.raises(StrokeRayError, match="no such checkpoint file"):
-        tracking.resolve_checkpoint(str(tmp_path / "missing.pt"), tracking_uri=uri)
-    with pytest.raises(StrokeRayError, match="models:/nobody@champion: cannot resolve"):
-        tracking.resolve_checkpoint("models:/nobody@champion", tracking_uri=uri)
-    run = tracking.get_or_create_run(client, "exp-empty", "empty")
-    client.log_text(run, "not a model", "model/README.txt")
-    with pytest.raises(StrokeRayError, match="holds no checkpoint.pt"):
-        tracking.resolve_checkpoint(f"runs:/{run}/model", tracking_uri=uri, dst=tmp_path / "dl")

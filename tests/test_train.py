@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from stroke_ray import tracking
+from stroke_ray import model_ref, tracking
 from stroke_ray.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
@@ -114,7 +114,7 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "overlays", "model"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "overlays")][0].endswith(".png")
-    model_file = tracking.resolve_checkpoint(f"runs:/{run_id}/model", tracking_uri=mlflow_uri, dst=tmp_path / "dl")
+    model_file = model_ref.resolve_checkpoint(f"runs:/{run_id}/model", tracking_uri=mlflow_uri, dst=tmp_path / "dl")
     assert load_checkpoint(model_file).epoch == 0
 
     # Same name, more epochs, through the CLI: Ray resumes at epoch 1, MLflow reuses the run.
@@ -131,7 +131,7 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [0, 1]
     assert len(client.search_runs([client.get_experiment_by_name("stroke-ray").experiment_id])) == 1
     assert client.get_run(run_id).data.params["epochs"] == "1"  # params of the run as first logged
-    final = tracking.resolve_checkpoint(f"runs:/{run_id}/model", tracking_uri=mlflow_uri, dst=tmp_path / "dl2")
+    final = model_ref.resolve_checkpoint(f"runs:/{run_id}/model", tracking_uri=mlflow_uri, dst=tmp_path / "dl2")
     assert load_checkpoint(final).epoch == 1
     # Only the checkpoints Ray was told to keep remain on disk, in the run's folder.
     kept = [p for p in (tmp_path / "runs" / "resumable").glob("checkpoint_*") if p.is_dir()]

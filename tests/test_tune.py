@@ -10,7 +10,8 @@ from ray import tune
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import StrokeRayError
-from stroke_ray.tune import TAG_TRIAL, run_sweep, trial_concurrency
+from stroke_ray.tracking import TAG_TRIAL
+from stroke_ray.tune import run_sweep, trial_concurrency
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
@@ -48,7 +49,7 @@ def test_concurrency_leaves_room_for_the_drivers():
 @pytest.fixture(scope="module")
 def sweep(synth_store, ray_local, tmp_path_factory):
     """Session 1 stops after one finished trial; session 2 resumes to both."""
-    from stroke_ray.tune import SearchSpace
+    from stroke_ray.search_space import SearchSpace
 
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -122,7 +123,7 @@ def test_one_parent_run_with_one_nested_run_per_trial(sweep):
 
 def test_best_model_exported_and_registered_as_champion(sweep):
     from stroke_ray.checkpoint import load_checkpoint
-    from stroke_ray.tracking import CHAMPION_ALIAS, REGISTERED_MODEL, resolve_checkpoint
+    from stroke_ray.model_ref import CHAMPION_ALIAS, REGISTERED_MODEL, resolve_checkpoint
 
     result = sweep["second"]
     scored = [t for t in result.trials if t.metric is not None]
@@ -169,7 +170,7 @@ def test_report_lists_trials_best_config_and_importances(sweep):
 
 
 def test_resuming_a_finished_sweep_registers_nothing_new(sweep):
-    from stroke_ray.tracking import CHAMPION_ALIAS, REGISTERED_MODEL
+    from stroke_ray.model_ref import CHAMPION_ALIAS, REGISTERED_MODEL
 
     client = _client(sweep["uri"])
     before = sorted(v.version for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'"))

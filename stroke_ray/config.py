@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from stroke_ray.errors import ConfigError
 
@@ -87,7 +88,17 @@ class DataConfig(_Strict):
     samples_per_volume: int = Field(8, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
-    num_workers: int = Field(0, ge=0)
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: object) -> object:
+        # `data.num_workers` was easy to mistake for the Ray Train workers (`num_workers`).
+        if isinstance(raw, dict) and "num_workers" in raw:
+            raise PydanticCustomError(
+                "renamed", "num_workers was renamed loader_workers (DataLoader processes per training worker)"
+            )
+        return raw
 
     @field_validator("level", mode="before")
     @classmethod

@@ -288,8 +288,8 @@ class _ByteLRU:
 class PatchDataset(IterableDataset):
     """Endless stream of {"image": (C,N,N,N) float, "mask": (1,N,N,N) float, "subject": str}.
 
-    The stream of rank r, DataLoader worker w, epoch e is seeded by
-    SeedSequence([seed, r, w, e]): reproducible, and distinct across ranks and workers.
+    The stream of rank r and DataLoader worker w is seeded by SeedSequence([seed, r, w]):
+    reproducible, and distinct across ranks and workers.
     Each pass visits the subjects in a fresh random order and cuts `samples_per_volume`
     patches per visit. `cache_bytes` bounds the per-worker cache of whole level arrays
     (normalised image + mask); 0 reads every patch straight from Zarr instead.
@@ -330,7 +330,6 @@ class PatchDataset(IterableDataset):
         self.normalise = normalise
         self.cache_bytes = int(cache_bytes)
         self.storage_options = storage_options
-        self.epoch = 0
         self._store = None
         self._volumes: _ByteLRU | None = None
         self._positions: dict[str, PositionSet] = {}
@@ -342,10 +341,6 @@ class PatchDataset(IterableDataset):
         state = dict(self.__dict__)
         state.update(_store=None, _volumes=None, _positions={}, _draws=Counter(), _warned=set())
         return state
-
-    def set_epoch(self, epoch: int) -> None:
-        """Re-seed the streams for a new epoch (call before iterating again)."""
-        self.epoch = int(epoch)
 
     @property
     def store(self):
@@ -406,7 +401,7 @@ class PatchDataset(IterableDataset):
     def stream_seed(self) -> np.random.SeedSequence:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        return np.random.SeedSequence([self.seed, self.rank, worker, self.epoch])
+        return np.random.SeedSequence([self.seed, self.rank, worker])
 
     def __iter__(self) -> Iterator[dict]:
         if self._volumes is None and self.cache_bytes > 0:
@@ -459,7 +454,7 @@ def make_loader(
         world_size=world_size,
         **dataset_kwargs,
     )
-    workers = int(cfg.num_workers)
+    workers = int(cfg.loader_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,

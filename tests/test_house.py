@@ -73,3 +73,14 @@ def test_store_reads_and_prediction_normalise_identically(tmp_path):
     assert normalise(image, "none", None).dtype == np.float32
     with pytest.raises(ValueError, match="unknown normalization"):
         normalise(image, "minmax", norm)
+
+
+def test_old_data_num_workers_key_names_its_new_name(tmp_path):
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.errors import ConfigError
+
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: data: num_workers was renamed loader_workers"):
+        TrainConfig.from_yaml(path)
+    assert TrainConfig.from_dict({"data": {"loader_workers": 2}}).data.loader_workers == 2

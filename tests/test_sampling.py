@@ -233,7 +233,7 @@ def _stream_keys(loader, n):
 def test_workers_and_ranks_get_distinct_reproducible_streams(tiny_store):
     subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
     cfg = DataConfig(store=tiny_store, level="16", patch_size=8, sampler="uniform",
-                     samples_per_volume=1, num_workers=2)
+                     samples_per_volume=1, loader_workers=2)
     loader = make_loader(cfg, subjects, batch_size=1, seed=7)
     first = _stream_keys(loader, 8)
     again = _stream_keys(make_loader(cfg, subjects, batch_size=1, seed=7), 8)
@@ -242,7 +242,7 @@ def test_workers_and_ranks_get_distinct_reproducible_streams(tiny_store):
     assert first[0::2] != first[1::2]
     other_seed = _stream_keys(make_loader(cfg, subjects, batch_size=1, seed=8), 8)
     assert other_seed != first
-    single = cfg.model_copy(update={"num_workers": 0})
+    single = cfg.model_copy(update={"loader_workers": 0})
     rank0 = _stream_keys(make_loader(single, subjects, 1, seed=7, rank=0, world_size=2), 6)
     rank1 = _stream_keys(make_loader(single, subjects, 1, seed=7, rank=1, world_size=2), 6)
     assert rank0 != rank1

@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 ISLES_SAMPLE = (REPO.parent / "shared" / "data" / "isles22-sample").resolve()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts the session's local Ray is slow, marked or not.
+
+    Starting Ray costs ~10 s on a loaded 2-core machine; `pytest -m "not slow"` stays a
+    quick loop only if no test in it starts Ray. Tests that start Ray Train, Tune, Serve or
+    a cluster carry `@pytest.mark.slow` themselves as well.
+    """
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def isles_sample() -> Path:
     """The real ISLES'22 case beside the repository (read-only)."""

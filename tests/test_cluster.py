@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+
+from stroke_ray.ray_compat import validate_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -23,11 +24,8 @@ def cluster_config() -> dict:
 
 
 def test_cluster_yaml_passes_ray_validation(cluster_config):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     # What `ray up` does before it contacts AWS: fill defaults, merge, check docker, validate.
-    prepared = prepare_config(copy.deepcopy(cluster_config))
-    validate_config(prepared)
+    prepared = validate_cluster_config(copy.deepcopy(cluster_config))
     assert prepared["provider"]["type"] == "aws"
     assert prepared["head_node_type"] == "head"
     types = prepared["available_node_types"]
@@ -57,99 +55,23 @@ def test_cluster_yaml_pins_the_installed_ray_and_holds_no_secrets(cluster_config
 def test_invalid_cluster_yaml_is_rejected(cluster_config):
     # The validation above must be able to fail: a misspelt field is refused by the schema.
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     broken = copy.deepcopy(cluster_config)
     broken["available_node_types"]["gpu-1x"]["min_wrokers"] = 0
     with pytest.raises(jsonschema.ValidationError):
-        validate_config(prepare_config(broken))
+        validate_cluster_config(broken)
 
 
-# The driver of this script is a separate process: the test session already holds a local
-# Ray (ray_local), and one process can only be connected to one Ray.
-MULTI_NODE_SCRIPT = textwrap.dedent(
-    r'''
-    import json, re, socket, sys, time
-    from pathlib import Path
-
-    import httpx, ray, yaml
-    from ray.cluster_utils import Cluster
-    from typer.testing import CliRunner
-
-    from stroke_ray.cli import app
-
-    work, dataset, REPO = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    clock = time.perf_counter()
-    seconds = {}
-
-    def lap(step):
-        global clock
-        now = time.perf_counter()
-        seconds[step] = round(now - clock, 1)
-        clock = now
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    address = cluster.address
-    runner = CliRunner()
-    out = {"address": address, "seconds": seconds}
-    lap("cluster")
-
-    def cli(*args):
-        result = runner.invoke(app, [str(a) for a in args])
-        if result.exit_code != 0:
-            raise SystemExit(f"stroke-ray {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.output}")
-        return result.output
-
-    try:
-        cli("convert", dataset, "-o", work / "store.zarr", "--levels", 32, "--address", address)
-        lap("convert")
-        out["nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
-        config = {
-            "name": "cluster-smoke",
-            "model": {"widths": [4, 8, 16]},
-            "data": {"store": str(work / "store.zarr"), "level": "32", "patch_size": 32,
-                     "samples_per_volume": 2, "val_fraction": 0.25},
-            "epochs": 1, "steps_per_epoch": 2, "batch_size": 1, "num_workers": 1,
-            "use_gpu": False, "amp": False, "val_max_subjects": 1,
-            "storage_path": str(work / "runs"), "tracking_uri": f"sqlite:///{work}/mlflow.db",
-        }
-        (work / "train.yaml").write_text(yaml.safe_dump(config))
-        trained = cli("train", "-c", work / "train.yaml", "--address", address)
-        lap("train")
-        out["train_run"] = re.search(r"mlflow run: (\w+)", trained).group(1)
-        tuned = cli("tune", "-s", REPO / "search_spaces" / "smoke.yaml", "-c", work / "train.yaml",
-                    "--name", "cluster-sweep", "--storage", work / "runs", "--num-samples", 1,
-                    "--tracking-uri", config["tracking_uri"], "--address", address)
-        lap("tune")
-        out["registered"] = re.search(r"registered: (\S+)", tuned).group(1)
-        out["model_ref"] = "models:/stroke-ray-segmenter@champion"
-
-        from stroke_ray.serving import start_server, stop_server
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = start_server(out["model_ref"], port=port, address=address, cpus_per_replica=0.5,
-                           tracking_uri=config["tracking_uri"])
-        out["healthz"] = httpx.get(f"{url}/healthz", timeout=60).json()
-        lap("serve")
-        stop_server()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    print("RESULT " + json.dumps(out))
-    '''
-)
+# Run as a separate process: the test session already holds a local Ray (ray_local), and one
+# process can only be connected to one Ray.
+MULTI_NODE_SCRIPT = REPO / "tests" / "multi_node_cluster.py"
 
 
+@pytest.mark.slow
 def test_convert_train_tune_serve_on_a_two_node_cluster(tmp_path, synth_dataset):
-    script = tmp_path / "multi_node.py"
-    script.write_text(MULTI_NODE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TQDM_DISABLE"] = "1"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(synth_dataset), str(REPO)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(MULTI_NODE_SCRIPT), str(tmp_path), str(synth_dataset), str(REPO)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and result_lines, proc.stdout[-3000:] + proc.stderr[-3000:]

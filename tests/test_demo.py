@@ -8,6 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+# Ray Train / Tune / Serve: the whole module is in the slow suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(ray_local, tmp_path_factory):

@@ -11,40 +11,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from helpers import case_files, make_checkpoint, mask_file
 from typer.testing import CliRunner
 
-from stroke_ray.checkpoint import save_checkpoint
-from stroke_ray.config import DataConfig, ModelConfig, TrainConfig
-from stroke_ray.models import build_model
 from stroke_ray.predict import lesion_stats, predict_dataset
-
-MODALITIES = ["dwi", "adc", "flair"]
-SES = "ses-0001"
-
-
-def make_checkpoint(directory: Path, level: str = "32", patch: int = 32, bias: float | None = None) -> Path:
-    """A freshly built tiny U-Net saved as a checkpoint; `bias` pins the output logit."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(model=ModelConfig(widths=[4, 8, 16]), data=DataConfig(level=level, patch_size=patch),
-                      val_overlap=0.0)
-    model = build_model(cfg.model, in_channels=len(MODALITIES))
-    if bias is not None:
-        # Zero the last conv's weights so every voxel gets the same logit: a known mask.
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.fill_(bias)
-    return save_checkpoint(directory, model=model, epoch=0, config=cfg, modalities=MODALITIES, normalization="zscore")
-
-
-def case_files(root: Path, subject: str = "sub-strokecase0009") -> dict[str, Path]:
-    folder = root / "rawdata" / subject / SES
-    return {m: folder / f"{subject}_{SES}_{m}.nii.gz" for m in MODALITIES}
-
-
-def mask_file(root: Path, subject: str = "sub-strokecase0009") -> Path:
-    return root / "derivatives" / subject / SES / f"{subject}_{SES}_msk.nii.gz"
 
 
 @pytest.fixture(scope="module")

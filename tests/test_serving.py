@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import gzip
-import socket
 from pathlib import Path
 
 import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from test_predict import case_files, make_checkpoint
+from helpers import case_files, free_port, make_checkpoint
+
+# Ray Train / Tune / Serve: the whole module is in the slow suite.
+pytestmark = pytest.mark.slow
 
 LIMIT = 16 * 1024**2  # the three sample files are ~6 MB together
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from stroke_ray.grid import cube_affine
 from stroke_ray.store import LevelArrays, StrokeStore
 from stroke_ray.train import build_trainer, lr_at, run_training, train_loop_per_worker
 
+# Ray Train / Tune / Serve: the whole module is in the slow suite.
+pytestmark = pytest.mark.slow
+
 REPORTED = {
     "epoch", "train_loss", "val_dice", "val_abs_volume_diff_ml", "val_abs_lesion_count_diff",
     "val_lesion_f1", "step_time_s", "epoch_time_s", "first_step_s",

@@ -13,6 +13,9 @@ from stroke_ray.errors import StrokeRayError
 from stroke_ray.tracking import TAG_TRIAL
 from stroke_ray.tune import run_sweep, trial_concurrency
 
+# Ray Train / Tune / Serve: the whole module is in the slow suite.
+pytestmark = pytest.mark.slow
+
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
 

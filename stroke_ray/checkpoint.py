@@ -18,6 +18,18 @@ import torch
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import InputFileError
 from stroke_ray.files import atomic_path
+from stroke_ray.models import build_model
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_FORMAT",
+    "checkpoint_file",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+    "unwrap",
+    "LoadedModel",
+]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -120,8 +132,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model stored in a checkpoint file (or a directory holding checkpoint.pt)."""
-    from stroke_ray.models import build_model
-
     file = checkpoint_file(path)
     payload = read_checkpoint(file)
     config = TrainConfig.from_dict(payload["config"], source=str(file))

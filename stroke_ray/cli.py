@@ -25,6 +25,8 @@ from stroke_ray.errors import StrokeRayError
 from stroke_ray.model_ref import CHAMPION_URI, run_model_uri
 from stroke_ray.nifti import GIB, ImageLimits
 
+__all__ = ["app"]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

@@ -27,6 +27,34 @@ from pydantic_core import PydanticCustomError
 
 from stroke_ray.errors import ConfigError
 
+__all__ = [
+    "AUGMENT_PRESETS",
+    "Architecture",
+    "AugmentConfig",
+    "AugmentPreset",
+    "BiasFieldConfig",
+    "BlurConfig",
+    "DataConfig",
+    "ElasticConfig",
+    "FactorConfig",
+    "FlipConfig",
+    "GammaConfig",
+    "LossName",
+    "LowResConfig",
+    "ModelConfig",
+    "NoiseConfig",
+    "NonNegativeRange",
+    "OptimConfig",
+    "PositiveRange",
+    "Probability",
+    "RotationConfig",
+    "SamplerName",
+    "ScaleConfig",
+    "TrainConfig",
+    "flatten",
+    "read_yaml",
+]
+
 Architecture = Literal["unet3d", "unet2plus1d"]
 LossName = Literal["dice_bce", "gdl_ce", "gdl_ce_log", "dice_ce", "dice", "bce", "gdl", "ce"]
 SamplerName = Literal["uniform", "threshold", "threshold_cube", "foreground"]

@@ -17,6 +17,8 @@ from pathlib import Path
 from stroke_ray.config import TrainConfig
 from stroke_ray.model_ref import CHAMPION_URI
 
+__all__ = ["DEMO_LEVEL", "DemoResult", "SMOKE_SPACE", "run_demo"]
+
 SMOKE_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 DEMO_LEVEL = 64
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["ConfigError", "InputFileError", "StrokeRayError"]
+
 
 class StrokeRayError(Exception):
     """An error the CLI reports as a single line and a non-zero exit, without a traceback."""

@@ -11,6 +11,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+__all__ = [
+    "cube_affine",
+    "orientation_code",
+    "resample",
+    "resample_mask",
+    "spacing_of",
+]
+
 
 def spacing_of(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each voxel axis."""

@@ -21,6 +21,14 @@ from stroke_ray.grid import cube_affine, resample
 from stroke_ray.intensity import normalise
 from stroke_ray.store import NATIVE
 
+__all__ = [
+    "normalise_case",
+    "predict_case",
+    "sliding_window_predict",
+    "window_size",
+    "Prediction",
+]
+
 if TYPE_CHECKING:
     from stroke_ray.ingest import PreparedCase
 

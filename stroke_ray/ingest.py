@@ -23,10 +23,23 @@ from stroke_ray.checks import check_image_values, check_mask_values, mask_on_gri
 from stroke_ray.datasets import CaseFiles, Problem, open_dataset
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
+from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
 from stroke_ray.store import NATIVE, LevelArrays, StrokeStore
 
-NORMALIZATIONS = ("zscore", "none")
+__all__ = [
+    "BRAIN_FRACTION",
+    "ROBUST_PERCENTILE",
+    "brain_stats",
+    "convert_dataset",
+    "convert_subject",
+    "load_case",
+    "make_levels",
+    "sha256_of",
+    "ConvertReport",
+    "PreparedCase",
+]
+
 # A voxel is "brain" for the statistics when it exceeds this fraction of the channel's
 # robust maximum (99.5th percentile): it drops air/background and keeps tissue on DWI,
 # ADC, FLAIR and T1w alike without needing a skull-stripping model.

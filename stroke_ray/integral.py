@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["box_sums", "integral_volume"]
+
 
 def integral_volume(mask: np.ndarray) -> np.ndarray:
     """Return S with S[i, j, k] = mask[:i, :j, :k].sum(); shape is mask.shape + 1 per axis."""

@@ -29,6 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "LOG_FLOOR",
+    "LOSS_NAMES",
+    "SMOOTH_DR",
+    "SMOOTH_NR",
+    "build_loss",
+    "class_probabilities",
+    "cross_entropy",
+    "generalized_dice_score",
+    "soft_dice_loss",
+    "SegmentationLoss",
+]
+
 SMOOTH_NR = 1e-5  # added to the Dice numerator: the score of an empty prediction on an empty target is 1
 SMOOTH_DR = 1e-5  # added to the Dice denominator: no division by zero when both are empty
 LOG_FLOOR = 1e-7  # ln() of the score is taken at no less than this, to stay finite

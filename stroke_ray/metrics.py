@@ -22,6 +22,20 @@ from typing import Sequence
 import cc3d
 import numpy as np
 
+__all__ = [
+    "CONNECTIVITY",
+    "METRIC_KEYS",
+    "abs_lesion_count_diff",
+    "abs_volume_diff_ml",
+    "dice",
+    "hd95",
+    "isles_metrics",
+    "label_lesions",
+    "lesion_counts",
+    "lesion_f1",
+    "voxel_volume_ml",
+]
+
 CONNECTIVITY = 26
 # The four ISLES'22 case metrics, in the order `isles_metrics` returns them.
 METRIC_KEYS = ("dice", "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1")

@@ -27,6 +27,21 @@ from torch.utils.checkpoint import checkpoint
 
 from stroke_ray.config import ModelConfig
 
+__all__ = [
+    "build_model",
+    "conv3d",
+    "count_parameters",
+    "mid_width",
+    "size_multiple",
+    "Conv2Plus1D",
+    "ConvFactory",
+    "DoubleConv",
+    "UNet",
+    "UNet2Plus1D",
+    "UNet3D",
+    "Up",
+]
+
 ConvFactory = Callable[[int, int], nn.Module]
 
 

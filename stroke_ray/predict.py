@@ -31,13 +31,30 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from stroke_ray.checkpoint import load_checkpoint
+from stroke_ray.datasets import CaseFiles, Problem, discover
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.files import atomic_write_bytes, strip_nifti_suffix
 from stroke_ray.grid import spacing_of
-from stroke_ray.metrics import METRIC_KEYS
+from stroke_ray.inference import predict_case
+from stroke_ray.ingest import load_case
+from stroke_ray.metrics import METRIC_KEYS, isles_metrics
 from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint, version_label
+from stroke_ray.models import size_multiple
 from stroke_ray.nifti import ImageLimits
 from stroke_ray.outputs import check_apart
+
+__all__ = [
+    "CSV_COLUMNS",
+    "default_device",
+    "lesion_stats",
+    "like_reference",
+    "nifti_bytes",
+    "predict_dataset",
+    "save_nifti",
+    "PredictReport",
+    "Segmenter",
+]
 
 CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volume_ml", *METRIC_KEYS)
 
@@ -72,8 +89,6 @@ class Segmenter:
         threshold: float = 0.5,
     ) -> "Segmenter":
         """Resolve `model_ref`, load its weights (weights_only) and label its version."""
-        from stroke_ray.checkpoint import load_checkpoint
-
         device = device or default_device()
         path = resolve_checkpoint(model_ref, tracking_uri)
         loaded = load_checkpoint(path, device=device)
@@ -86,9 +101,6 @@ class Segmenter:
 
     def predict(self, case: Any):
         """inference.Prediction for an ingest.PreparedCase, on the case's reference grid."""
-        from stroke_ray.inference import predict_case
-        from stroke_ray.models import size_multiple
-
         cfg = self.loaded.config
         return predict_case(
             self.loaded.model,
@@ -186,8 +198,6 @@ def _subject_from_file(path: Path, modality: str) -> str:
 
 def _cases_for(inputs: str | Path | Mapping[str, str | Path], modalities: list[str], mask: str | Path | None):
     """(cases, problems) for a dataset folder or one explicit {modality: file} case."""
-    from stroke_ray.datasets import CaseFiles, Problem, discover
-
     if isinstance(inputs, Mapping):
         images = {str(k): Path(v) for k, v in inputs.items()}
         missing = [m for m in modalities if m not in images]
@@ -270,9 +280,6 @@ def predict_dataset(
     """
     from tqdm.auto import tqdm
 
-    from stroke_ray.datasets import Problem
-    from stroke_ray.ingest import load_case
-    from stroke_ray.metrics import isles_metrics
 
     start = time.perf_counter()
     given = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]

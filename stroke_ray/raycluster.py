@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["connect"]
+
 
 def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
     """Initialise Ray once per process.

@@ -27,6 +27,24 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stroke_ray.config import DataConfig
 from stroke_ray.integral import box_sums, integral_volume
 
+__all__ = [
+    "ACCEPTED",
+    "EMPTY_MASK",
+    "FOREGROUND",
+    "INFEASIBLE",
+    "UNIFORM",
+    "build_sampler",
+    "cut_patch",
+    "make_loader",
+    "split_manifest",
+    "split_subjects",
+    "ForegroundSampler",
+    "PatchDataset",
+    "PositionSet",
+    "ThresholdSampler",
+    "UniformSampler",
+]
+
 log = logging.getLogger(__name__)
 
 Triple = tuple[int, int, int]

@@ -37,6 +37,7 @@ from ray import serve
 
 from stroke_ray.errors import InputFileError, StrokeRayError
 from stroke_ray.files import strip_nifti_suffix
+from stroke_ray.ingest import load_case
 from stroke_ray.locations import absolute
 from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint
 from stroke_ray.predict import (
@@ -45,6 +46,21 @@ from stroke_ray.predict import (
     like_reference,
     nifti_bytes,
 )
+from stroke_ray.raycluster import connect
+from stroke_ray.tracking import default_tracking_uri
+
+__all__ = [
+    "DEFAULT_APP_NAME",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "VERSION_HEADER",
+    "app",
+    "build_app",
+    "read_nifti",
+    "start_server",
+    "stop_server",
+    "StrokeSegmenter",
+    "UploadError",
+]
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
 DEFAULT_APP_NAME = "stroke-ray"
@@ -182,8 +198,6 @@ class StrokeSegmenter:
 
     def _segment(self, files: dict[str, tuple[str, bytes]]):
         """Validate, segment; returns (mask image on the reference grid, stats)."""
-        from stroke_ray.ingest import load_case
-
         modalities = self.segmenter.modalities
         images = {m: read_nifti(m, data) for m, (_, data) in files.items()}
         with tempfile.TemporaryDirectory(prefix="stroke-ray-upload-") as tmp:
@@ -270,8 +284,6 @@ def build_app(
         # Replicas have their own working directory; give them an absolute path.
         ref = absolute(local)
     elif tracking_uri is None:
-        from stroke_ray.tracking import default_tracking_uri
-
         # Resolved here, in the caller's directory, not in the replica's.
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     options: dict[str, Any] = {
@@ -308,7 +320,6 @@ def start_server(
     Returns once the replicas answer. `app_options` go to `build_app` (replicas,
     autoscaling, GPUs, upload limit, tracking URI).
     """
-    from stroke_ray.raycluster import connect
 
     # Fail here, with one clear line, rather than in a replica that retries.
     resolve_checkpoint(model_ref, app_options.get("tracking_uri"))

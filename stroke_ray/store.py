@@ -30,8 +30,20 @@ from zarr.codecs import BloscCodec
 
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.grid import spacing_of
+from stroke_ray.integral import integral_volume
 from stroke_ray.intensity import normalise
 from stroke_ray.locations import local_or_url
+
+__all__ = [
+    "CHUNK_EDGE",
+    "COMPRESSOR",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "NATIVE",
+    "LevelArrays",
+    "StoreError",
+    "StrokeStore",
+]
 
 FORMAT_NAME = "stroke-ray"
 FORMAT_VERSION = 1
@@ -217,8 +229,6 @@ class StrokeStore:
 
         A partial group from an earlier interrupted run is removed first.
         """
-        from stroke_ray.integral import integral_volume
-
         self.delete_subject(subject)
         group = self.group["subjects"].create_group(subject)
         level_attrs: dict[str, Any] = {}

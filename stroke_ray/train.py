@@ -25,6 +25,17 @@ from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.locations import absolute
 from stroke_ray.metrics import METRIC_KEYS
 
+__all__ = [
+    "build_optimizer",
+    "build_trainer",
+    "check_inputs",
+    "check_store",
+    "lr_at",
+    "run_training",
+    "train_loop_per_worker",
+    "validate",
+]
+
 # --- small pieces of the loop --------------------------------------------------------------
 
 

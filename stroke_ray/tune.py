@@ -17,22 +17,31 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+import ray
 import yaml
 from ray import tune
+from ray.train import Checkpoint
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from stroke_ray import ray_compat
+from stroke_ray import ray_compat, tracking
+from stroke_ray.checkpoint import CHECKPOINT_FILE
 from stroke_ray.config import TrainConfig, flatten
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.files import atomic_path, atomic_write_text
 from stroke_ray.locations import absolute, is_url
 from stroke_ray.model_ref import CHAMPION_URI, register_run_checkpoint
+from stroke_ray.raycluster import connect
 from stroke_ray.search_space import SearchSpace
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
-from stroke_ray.tracking import PARENT_TAG, TAG_TRIAL
+from stroke_ray.train import build_trainer, check_store
 
 __all__ = ["DRIVER_CPU", "SweepResult", "run_sweep", "trial_concurrency"]
 
@@ -43,8 +52,6 @@ DRIVER_CPU = 0.01
 
 def trial_concurrency(cfg: TrainConfig, resources: dict[str, float] | None = None) -> int:
     """How many trials fit at once: available CPUs (or GPUs) / what one trial holds."""
-    import ray
-
     resources = resources if resources is not None else ray.available_resources()
     gpus = resources.get("GPU", 0.0)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
@@ -74,8 +81,6 @@ class _TrialDriver:
         # Runs in a Tune trial actor: Ray Train's callback is imported where it is used.
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from stroke_ray.tracking import client_for, log_params_flat, trial_run
-        from stroke_ray.train import build_trainer
 
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()
@@ -83,12 +88,12 @@ class _TrialDriver:
         cfg = self.space.trial_config(TrainConfig.model_validate(self.base), params)
         cfg = cfg.model_copy(update={"tracking_uri": self.tracking_uri})
 
-        client = client_for(self.tracking_uri)
-        run_id = trial_run(client, self.experiment, self.parent_run_id, self.sweep_dir, trial_id)
+        client = tracking.client_for(self.tracking_uri)
+        run_id = tracking.trial_run(client, self.experiment, self.parent_run_id, self.sweep_dir, trial_id)
         # The same flattened config the train loop would log (it skips runs that have params),
         # plus the sampled values under search.* so MLflow can compare trials on them alone.
         if not client.get_run(run_id).data.params:
-            log_params_flat(client, run_id, {**cfg.model_dump(mode="json"), "search": params})
+            tracking.log_params_flat(client, run_id, {**cfg.model_dump(mode="json"), "search": params})
             client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
         client.set_tag(run_id, "stroke_ray.trial_dir", ctx.get_trial_dir())
         trainer = build_trainer(
@@ -130,9 +135,7 @@ class _TrialCleanup(tune.Callback):
         ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})
 
     def _close(self, trials, trial, status: str) -> None:
-        from stroke_ray.tracking import close_trial_run
-
-        close_trial_run(self.tracking_uri, self.experiment, self.parent_id, trial.trial_id, status)
+        tracking.close_trial_run(self.tracking_uri, self.experiment, self.parent_id, trial.trial_id, status)
         if not any(t is not trial and t.status == "RUNNING" for t in trials):
             ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})
 
@@ -171,12 +174,6 @@ class SweepResult:
 
 def _export_checkpoint(src: str, dest_dir: Path) -> Path:
     """Copy the winning Train checkpoint's checkpoint.pt to <sweep>/best/ (atomically)."""
-    import shutil
-
-    from ray.train import Checkpoint
-
-    from stroke_ray.checkpoint import CHECKPOINT_FILE
-
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / CHECKPOINT_FILE
     with Checkpoint(path=src).as_directory() as local:
@@ -204,11 +201,6 @@ def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, sto
                num_samples: int, seed: int, max_concurrent: int | None, time_budget_s: float | None,
                stopper, verbose: int, callbacks: list):
     """A fresh Tuner: Optuna's TPE behind a concurrency limit, ASHA on the space's metric."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
     searcher = OptunaSearch(
         space=space, metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
     )
@@ -265,10 +257,6 @@ def run_sweep(
         ConfigError: the search space, the base config or a storage URL is not usable.
         StrokeRayError: the store cannot be trained on, or a sweep of that name exists.
     """
-    from stroke_ray import tracking
-    from stroke_ray.raycluster import connect
-    from stroke_ray.train import check_store
-
     started = time.time()
     space = SearchSpace.load(space_file)
     if is_url(storage_path):
@@ -325,7 +313,7 @@ def run_sweep(
     if best is not None:
         best_checkpoint = _export_checkpoint(best.checkpoint, sweep_dir / "best")
         atomic_write_text(sweep_dir / "best" / "config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
-        best_run = tracking.find_run_by_tags(client, experiment_id, {PARENT_TAG: parent_id, TAG_TRIAL: best.trial_id})
+        best_run = tracking.find_run_by_tags(client, experiment_id, {tracking.PARENT_TAG: parent_id, tracking.TAG_TRIAL: best.trial_id})
         client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
         client.log_metric(parent_id, f"best_{space.metric}", best.metric)
         if best_run is not None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from stroke_ray.config import AugmentConfig
 
-__all__ = ["flip_batch", "gaussian_blur", "rotation_matrices", "spatial_transform"]
+__all__ = ["flip_batch", "gaussian_blur", "rotation_matrices", "spatial_transform", "voxel_affine_grid"]
 
 
 def uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -92,6 +92,22 @@ def _smooth_field(n: int, shape: tuple[int, ...], sigma: torch.Tensor, generator
     return field / peak[:, None, None, None, None]
 
 
+def voxel_affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`grid_sample` grid for (n, 3, 3) maps of voxel offsets from the patch centre, in (X, Y, Z).
+
+    Output voxel at offset o samples the input at offset `matrix @ o`. affine_grid works in
+    normalised coordinates in reversed axis order (Z, Y, X): theta = D P M P D^-1 with P the
+    reversal and D = diag(2 / N) (align_corners=False), so a non-cubic patch is rotated in
+    voxel space, not squashed.
+    """
+    n = matrix.shape[0]
+    edges = torch.tensor(shape[::-1], dtype=matrix.dtype, device=matrix.device)
+    reversed_axes = matrix.flip(-1).flip(-2)
+    theta = (2 / edges)[None, :, None] * reversed_axes * (edges / 2)[None, None, :]
+    theta = torch.cat([theta, theta.new_zeros(n, 3, 1)], 2)
+    return F.affine_grid(theta, [n, 1, *shape], align_corners=False)
+
+
 def spatial_transform(
     image: torch.Tensor, mask: torch.Tensor, air: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +138,9 @@ def spatial_transform(
     angles = angles[todo] * rotate[:, None]
     factors = torch.where(zoom, factors[todo], torch.ones_like(factors[todo]))
 
-    # Output voxel offset from the centre -> input offset: A = R / s (s > 1 zooms in).
-    # affine_grid wants it in normalised coordinates, grid order (z, y, x) = reversed axes:
-    # theta = D A D^-1 with D = diag(2 / N) (align_corners=False).
-    dev = image.device
-    matrix = rotation_matrices(angles) / factors[:, None, None]
-    edges = torch.tensor(shape[::-1], dtype=image.dtype, device=dev)
-    theta = (2 / edges)[None, :, None] * matrix * (edges / 2)[None, None, :]
-    theta = torch.cat([theta, torch.zeros(n, 3, 1, dtype=image.dtype, device=dev)], 2)
-    grid = F.affine_grid(theta, [n, 1, *shape], align_corners=False)
+    # output voxel offset from the centre -> input offset: R / s (s > 1 zooms in)
+    grid = voxel_affine_grid(rotation_matrices(angles) / factors[:, None, None], tuple(shape))
+    edges = torch.tensor(shape[::-1], dtype=image.dtype, device=image.device)
     if bool(deform.any()):
         # displacement in voxels of the output grid, as a fraction of the patch edge
         amplitude = magnitude[todo] * deform * max(shape)

@@ -245,3 +245,23 @@ def test_train_command_rejects_a_bad_preset(tmp_path, monkeypatch):
     out = CliRunner().invoke(app, ["train", "--config", str(config), "--augment", "heavy"])
     assert out.exit_code == 2 and "augment.preset" in out.output and "train.yaml" in out.output
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_rotation_of_a_non_cubic_patch_is_a_rotation_in_voxel_space():
+    import torch.nn.functional as F
+
+    from stroke_ray.augment_spatial import voxel_affine_grid
+
+    shape = (32, 24, 40)
+    mid = torch.tensor([(e - 1) / 2 for e in shape])
+    axes = [torch.arange(e, dtype=torch.float32) for e in shape]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    point = mid + torch.tensor([5.0, 0.0, 3.0])
+    blob = torch.exp(-((x - point[0]) ** 2 + (y - point[1]) ** 2 + (z - point[2]) ** 2) / 2.0)
+    # 90 degrees in the (X, Y) plane: input offset = R @ output offset
+    rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    out = F.grid_sample(blob[None, None], voxel_affine_grid(rot[None], shape), align_corners=False)[0, 0]
+    grids = torch.meshgrid(*[a.double() for a in axes], indexing="ij")
+    found = torch.stack([(g * out).sum() / out.sum() for g in grids]).float()
+    expect = mid + rot.T @ (point - mid)  # output offset = R^T @ input offset
+    assert torch.allclose(found, expect, atol=0.05), (found, expect)

@@ -25,7 +25,8 @@ from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
 from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
-from stroke_ray.store import NATIVE, LevelArrays, StrokeStore
+from stroke_ray.store import NATIVE, LevelArrays, StrokeStore, check_output
+from stroke_ray.store_lock import writer_lock
 
 __all__ = [
     "BRAIN_FRACTION",
@@ -241,6 +242,7 @@ def convert_subject(
     try:
         store = StrokeStore.open(store_url, mode="r+", storage_options=storage_options)
         if _recorded_checksums(store, case.subject) == _source_checksums(case):
+            store.drop_old_versions(case.subject)  # left by a writer killed after its switch
             return "skipped", case.subject, []
         prepared = load_case(case.images, case.mask, subject=case.subject, limits=limits,
                              resample_masks=resample_masks)
@@ -297,34 +299,37 @@ def convert_dataset(
     cases, problems = found.discover(chosen, require_mask=True)
     if not cases and not problems:
         raise InputFileError(found.root, f"no subjects found for the {found.layout} layout")
-    try:
-        store = StrokeStore.create(
-            output, chosen, [NATIVE, *map(str, levels)], normalization,
-            storage_options=storage_options, layout=found.layout,
-        )
-    except (ValueError, OSError) as exc:
-        raise StrokeRayError(str(exc)) from None
+    check_output(output)
+    with writer_lock(output, "convert", storage_options):
+        try:
+            store = StrokeStore.create(
+                output, chosen, [NATIVE, *map(str, levels)], normalization,
+                storage_options=storage_options, layout=found.layout,
+            )
+        except (ValueError, OSError) as exc:
+            raise StrokeRayError(str(exc)) from None
 
-    options = dict(levels=levels, storage_options=storage_options, limits=limits, resample_masks=resample_masks)
-    counts = {"converted": 0, "skipped": 0, "failed": 0}
-    failed = list(problems)
-    bar = tqdm(total=len(cases), unit="subject", desc="convert", disable=not progress)
+        options = dict(levels=levels, storage_options=storage_options, limits=limits,
+                       resample_masks=resample_masks)
+        counts = {"converted": 0, "skipped": 0, "failed": 0}
+        failed = list(problems)
+        bar = tqdm(total=len(cases), unit="subject", desc="convert", disable=not progress)
 
-    def record(result: tuple[str, str, list[Problem]]) -> None:
-        status, _, subject_problems = result
-        counts[status] += 1
-        failed.extend(subject_problems)
-        bar.update(1)
-        bar.set_postfix(failed=len(failed), refresh=False)
+        def record(result: tuple[str, str, list[Problem]]) -> None:
+            status, _, subject_problems = result
+            counts[status] += 1
+            failed.extend(subject_problems)
+            bar.update(1)
+            bar.set_postfix(failed=len(failed), refresh=False)
 
-    try:
-        if parallel and cases:
-            _convert_on_ray(cases, store.url, options, address, num_cpus, record)
-        else:
-            for case in cases:
-                record(convert_subject(case, store.url, **options))
-    finally:
-        bar.close()
+        try:
+            if parallel and cases:
+                _convert_on_ray(cases, store.url, options, address, num_cpus, record)
+            else:
+                for case in cases:
+                    record(convert_subject(case, store.url, **options))
+        finally:
+            bar.close()
     return ConvertReport(counts["converted"], counts["skipped"], failed, store.url, time.perf_counter() - start)
 
 

@@ -324,10 +324,11 @@ def test_resume_skips_rewrites_and_reconverts(tmp_path):
     assert (first.converted, first.skipped, first.failed) == (3, 0, [])
 
     store = StrokeStore.open(out, mode="r+")
-    # sub-a: an interrupted write (arrays half there, no `complete`).
-    group = store.group["subjects"]["sub-a"]
-    del group.attrs["complete"]
-    del group["16"]
+    # sub-a: an interrupted first write (a version half there, never made current).
+    holder = store.group["subjects"]["sub-a"]
+    version = holder.attrs["current"]
+    holder.attrs.put({})
+    del holder[version]["16"]
     assert store.subjects() == ["sub-b", "sub-c"]
     # sub-b: its DWI changed on disk since the conversion.
     save(paths["sub-b"]["dwi"], blob_image(99))

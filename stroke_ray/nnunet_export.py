@@ -17,11 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.files import atomic_write_text
 from stroke_ray.layouts.nnunet import channel_name, image_file, label_file
 from stroke_ray.outputs import claim_folder
+from stroke_ray.predict import save_nifti
 from stroke_ray.store import NATIVE, StrokeStore
 
 __all__ = ["EXPORT_MARKER", "ExportReport", "export_nnunet"]
@@ -70,10 +72,6 @@ def export_nnunet(
         InputFileError: the output folder holds files this command did not write.
         StrokeRayError: the store cannot be opened or has no complete subject.
     """
-    from tqdm.auto import tqdm
-
-    from stroke_ray.predict import save_nifti
-
     try:
         store = StrokeStore.open(store_url, storage_options=storage_options)
     except FileNotFoundError as exc:

@@ -50,6 +50,7 @@ __all__ = [
     "LevelArrays",
     "StoreError",
     "StrokeStore",
+    "check_output",
 ]
 
 FORMAT_NAME = "stroke-ray"

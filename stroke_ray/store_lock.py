@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import fsspec
+
 from stroke_ray.locations import is_url, local_or_url
 from stroke_ray.store import StoreError
 
@@ -105,8 +107,6 @@ class _LocalLock:
 
 class _UrlLock:
     def __init__(self, url: str, storage_options: dict | None):
-        import fsspec
-
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.path = f"{root.rstrip('/')}/{LOCK_NAME}"
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from stroke_ray.cli import app
 from stroke_ray.datasets import discover, open_dataset
 from stroke_ray.errors import ConfigError, InputFileError
-from stroke_ray.ingest import convert_dataset
+from stroke_ray.ingest import convert_dataset, sha256_of
 from stroke_ray.nnunet_export import EXPORT_MARKER, export_nnunet
 from stroke_ray.store import StrokeStore
 
@@ -23,24 +23,28 @@ MODALITIES = ("dwi", "adc", "flair")
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Path:
-    """Three synthetic cases in the repository-example layout (rawdata/, derivatives/)."""
-    from stroke_ray.synth import generate_dataset
+def example(synth_dataset) -> Path:
+    """The session's synthetic cases, in the repository-example layout (rawdata/, derivatives/)."""
+    return synth_dataset
 
-    root = tmp_path_factory.mktemp("example") / "isles"
-    generate_dataset(root, num_cases=3, layout="isles22", seed=3, progress=False)
+
+def example_cases(example: Path, n: int):
+    cases, problems = discover(example)
+    assert problems == [] and len(cases) >= n
+    return cases[:n]
+
+
+def to_example(example: Path, root: Path, n: int) -> Path:
+    """The first `n` cases alone, in the example layout."""
+    for case in example_cases(example, n):
+        for part in ("rawdata", "derivatives"):
+            shutil.copytree(example / part / case.subject, root / part / case.subject)
     return root
 
 
-def example_cases(example: Path):
-    cases, problems = discover(example)
-    assert problems == [] and len(cases) == 3
-    return cases
-
-
-def to_archive(example: Path, root: Path) -> Path:
-    """The example's cases laid out as the released ISLES-2022 archive, JSON sidecars included."""
-    for case in example_cases(example):
+def to_archive(example: Path, root: Path, n: int = 2) -> Path:
+    """The first `n` cases laid out as the released ISLES-2022 archive, JSON sidecars included."""
+    for case in example_cases(example, n):
         sub = case.subject
         session = root / sub / "ses-0001"
         for modality, src in case.images.items():
@@ -56,9 +60,10 @@ def to_archive(example: Path, root: Path) -> Path:
     return root
 
 
-def to_nnunet(example: Path, root: Path, channel_names=("DWI", "adc", "Flair"), test_cases=1) -> Path:
-    """The example's cases as an nnU-Net v2 raw dataset; the last `test_cases` go to imagesTs."""
-    cases = example_cases(example)
+def to_nnunet(example: Path, root: Path, channel_names=("DWI", "adc", "Flair"), n: int = 2,
+              test_cases: int = 1) -> Path:
+    """The first `n` cases as an nnU-Net v2 raw dataset; the last `test_cases` go to imagesTs."""
+    cases = example_cases(example, n)
     for k, case in enumerate(cases):
         split = "Ts" if k >= len(cases) - test_cases else "Tr"
         for channel, modality in enumerate(MODALITIES):
@@ -85,67 +90,70 @@ def native_arrays(url: str, subject: str):
     return store.image(subject)[...], store.mask(subject)[...], store.affine(subject)
 
 
+def assert_read_the_example_files(url: str, cases) -> None:
+    """Each stored subject was read from byte-identical copies of the example's files, each
+    modality (and the mask) from its own file."""
+    store = StrokeStore.open(url)
+    for case in cases:
+        sources = store.meta(case.subject)["sources"]
+        files = {**case.images, "mask": case.mask}
+        assert {k: v["sha256"] for k, v in sources.items()} == {k: sha256_of(p) for k, p in files.items()}
+
+
 # --- the released ISLES-2022 archive ------------------------------------------------------------
 def test_archive_layout_converts_from_its_own_root_and_the_folder_above(example, tmp_path):
     top = tmp_path / "download"
-    archive = to_archive(example, top / "ISLES-2022")
-    subjects = [c.subject for c in example_cases(example)]
-    # A missing FLAIR for one subject is reported beside the good ones.
-    missing = next((archive / subjects[2] / "ses-0001" / "anat").glob("*_FLAIR.nii.gz"))
+    archive = to_archive(example, top / "ISLES-2022", n=2)
+    good, broken = example_cases(example, 2)
+    # A missing FLAIR for one subject is reported beside the good one.
+    missing = next((archive / broken.subject / "ses-0001" / "anat").glob("*_FLAIR.nii.gz"))
     missing.unlink()
     for root in (archive, top):
         found = open_dataset(root)
         assert (found.layout, found.root, found.modalities) == ("isles22", archive, list(MODALITIES))
     cases, problems = discover(top)
-    assert [c.subject for c in cases] == subjects[:2]
+    assert [c.subject for c in cases] == [good.subject]
     assert cases[0].images["flair"].name.endswith("_ses-0001_FLAIR.nii.gz")
     assert cases[0].images["adc"].parent.name == "dwi" and cases[0].mask.parent.parent.parent.name == "derivatives"
-    assert [(p.subject, p.path, p.problem) for p in problems] == [(subjects[2], str(missing), "missing flair image")]
+    assert [(p.subject, p.path, p.problem) for p in problems] == [(broken.subject, str(missing), "missing flair image")]
 
     out = str(tmp_path / "archive.zarr")
     result = CliRunner().invoke(app, ["convert", str(top), "-o", out, "--levels", "16", "--in-process"])
-    assert result.exit_code == 1, result.output  # one subject failed, the others converted
-    assert "converted 2, skipped 0 (already complete), failed 1" in result.output
-    assert f"{subjects[2]}: {missing}: missing flair image" in result.output
-    # The same voxels as converting the example layout.
-    reference = str(tmp_path / "example.zarr")
-    convert_dataset(str(example), reference, levels=[16], parallel=False, progress=False)
-    for subject in subjects[:2]:
-        for got, want in zip(native_arrays(out, subject), native_arrays(reference, subject)):
-            np.testing.assert_array_equal(got, want)
+    assert result.exit_code == 1, result.output  # one subject failed, the other converted
+    assert "converted 1, skipped 0 (already complete), failed 1" in result.output
+    assert f"{broken.subject}: {missing}: missing flair image" in result.output
+    assert StrokeStore.open(out).subjects() == [good.subject]
+    assert_read_the_example_files(out, [good])
     assert StrokeStore.open(out).group.attrs["layout"] == "isles22"
 
 
 # --- nnU-Net v2 raw datasets --------------------------------------------------------------------
 def test_nnunet_dataset_converts_with_channel_names_mapped(example, tmp_path):
-    root = to_nnunet(example, tmp_path / "nnUNet_raw" / "Dataset501_Stroke")
-    subjects = [c.subject for c in example_cases(example)]
+    root = to_nnunet(example, tmp_path / "nnUNet_raw" / "Dataset501_Stroke", n=2, test_cases=1)
+    train_case, test_case = example_cases(example, 2)
     found = open_dataset(tmp_path / "nnUNet_raw")  # one folder up finds the one dataset
     assert (found.layout, found.root, found.modalities) == ("nnunet", root, list(MODALITIES))
     cases, problems = found.discover(["FLAIR", "dwi"])  # case-insensitive, in the order asked
-    assert problems == [] and [c.subject for c in cases] == subjects[:2]
+    assert problems == [] and [c.subject for c in cases] == [train_case.subject]
     assert list(cases[0].images) == ["flair", "dwi"] and cases[0].images["flair"].name.endswith("_0002.nii.gz")
     # imagesTs cases have no labels: found for prediction only.
     cases, problems = found.discover(require_mask=False)
-    assert [c.subject for c in cases] == subjects and cases[2].mask is None
+    assert [c.subject for c in cases] == [train_case.subject, test_case.subject] and cases[1].mask is None
 
     out = str(tmp_path / "nnunet.zarr")
     report = convert_dataset(str(root), out, levels=[16], parallel=False, progress=False)
-    assert (report.converted, report.failed) == (2, [])
+    assert (report.converted, report.failed) == (1, [])
     store = StrokeStore.open(out)
     assert store.modalities == list(MODALITIES) and store.group.attrs["layout"] == "nnunet"
-    reference = str(tmp_path / "example.zarr")
-    convert_dataset(str(example), reference, levels=[16], parallel=False, progress=False)
-    for got, want in zip(native_arrays(out, subjects[0]), native_arrays(reference, subjects[0])):
-        np.testing.assert_array_equal(got, want)
+    assert_read_the_example_files(out, [train_case])
 
 
 def test_nnunet_unknown_channel_names_are_kept_and_problems_listed(example, tmp_path):
-    root = to_nnunet(example, tmp_path / "ds", channel_names=("DWI", "CT", "T2"), test_cases=0)
+    root = to_nnunet(example, tmp_path / "ds", channel_names=("DWI", "CT", "T2"), n=3, test_cases=0)
     found = open_dataset(root)
     assert found.modalities == ["dwi", "CT", "T2"]
     assert found.resolve(["ct", "t2"]) == ["CT", "T2"]
-    subjects = [c.subject for c in example_cases(example)]
+    subjects = [c.subject for c in example_cases(example, 3)]
     (root / "imagesTr" / f"{subjects[1]}_0001.nii.gz").unlink()
     (root / "labelsTr" / f"{subjects[2]}.nii.gz").unlink()
     cases, problems = found.discover()
@@ -193,8 +201,8 @@ def test_a_folder_of_no_known_layout_lists_what_was_looked_for(tmp_path):
 
 
 def test_several_datasets_one_level_down_are_not_guessed(example, tmp_path):
-    to_archive(example, tmp_path / "a")
-    to_nnunet(example, tmp_path / "b")
+    to_archive(example, tmp_path / "a", n=1)
+    to_nnunet(example, tmp_path / "b", n=1, test_cases=0)
     with pytest.raises(InputFileError, match=r"holds several datasets \(a \(isles22\), b \(nnunet\)\)"):
         open_dataset(tmp_path)
     # One folder in two layouts at once is refused too, rather than picked arbitrarily.
@@ -207,15 +215,16 @@ def test_several_datasets_one_level_down_are_not_guessed(example, tmp_path):
 # --- export-nnunet ------------------------------------------------------------------------------
 def test_export_nnunet_round_trip_and_refusals(example, tmp_path):
     store_url = str(tmp_path / "s.zarr")
-    convert_dataset(str(example), store_url, levels=[16], parallel=False, progress=False)
+    convert_dataset(str(to_example(example, tmp_path / "two", 2)), store_url, levels=[16], parallel=False,
+                    progress=False)
     subjects = StrokeStore.open(store_url).subjects()
     out = tmp_path / "nnUNet_raw" / "Dataset501_Stroke"
     result = CliRunner().invoke(app, ["export-nnunet", store_url, str(out)])
     assert result.exit_code == 0, result.output
-    assert f"exported 3 case(s) (dwi, adc, flair) as an nnU-Net v2 raw dataset to {out}" in result.output
+    assert f"exported 2 case(s) (dwi, adc, flair) as an nnU-Net v2 raw dataset to {out}" in result.output
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["channel_names"] == {"0": "DWI", "1": "ADC", "2": "FLAIR"}
-    assert doc["labels"] == {"background": 0, "lesion": 1} and doc["numTraining"] == 3
+    assert doc["labels"] == {"background": 0, "lesion": 1} and doc["numTraining"] == 2
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(
         f"{s}_{c:04d}.nii.gz" for s in subjects for c in range(3))
     assert sorted(p.name for p in (out / "labelsTr").iterdir()) == sorted(f"{s}.nii.gz" for s in subjects)
@@ -223,7 +232,7 @@ def test_export_nnunet_round_trip_and_refusals(example, tmp_path):
     # Converting the export gives back the store's native arrays and affines.
     again = str(tmp_path / "again.zarr")
     report = convert_dataset(str(out), again, levels=[16], parallel=False, progress=False)
-    assert (report.converted, report.failed) == (3, [])
+    assert (report.converted, report.failed) == (2, [])
     for subject in subjects:
         for got, want in zip(native_arrays(again, subject), native_arrays(store_url, subject)):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

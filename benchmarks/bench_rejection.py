@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from stroke_ray.integral import integral_volume
-from stroke_ray.sampling import ThresholdSampler
+from stroke_ray.samplers import ThresholdSampler
 
 
 def two_lesions(n: int) -> np.ndarray:

@@ -37,7 +37,8 @@ import torch
 from scipy import ndimage
 
 from stroke_ray.integral import integral_volume
-from stroke_ray.sampling import PatchDataset, ThresholdSampler, cut_patch
+from stroke_ray.samplers import ThresholdSampler
+from stroke_ray.sampling import PatchDataset, cut_patch
 from stroke_ray.store import LevelArrays, StrokeStore
 
 MODALITIES = ["dwi", "adc", "flair"]

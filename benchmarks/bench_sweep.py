@@ -50,7 +50,8 @@ def _bare_training_s(cfg, steps: int) -> float:
 
     from stroke_ray.losses import build_loss
     from stroke_ray.models import build_model
-    from stroke_ray.sampling import make_loader, split_subjects
+    from stroke_ray.sampling import make_loader
+    from stroke_ray.splits import split_subjects
     from stroke_ray.store import StrokeStore
     from stroke_ray.train import build_optimizer
 

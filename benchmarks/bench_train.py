@@ -105,7 +105,7 @@ def main() -> None:
     base_after = plain_step_time(cfg, args.steps)
     base = (base_before + base_after) / 2
 
-    from stroke_ray.sampling import split_subjects
+    from stroke_ray.splits import split_subjects
     from stroke_ray.store import StrokeStore
 
     n_val = len(split_subjects(StrokeStore.open(url).subjects(), cfg.data.val_fraction, cfg.data.split_seed)[1])

@@ -18,7 +18,7 @@ import torch
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import InputFileError
 from stroke_ray.files import atomic_path
-from stroke_ray.models import build_model
+from stroke_ray.models import build_model, inference_state_dict
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -135,9 +135,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     file = checkpoint_file(path)
     payload = read_checkpoint(file)
     config = TrainConfig.from_dict(payload["config"], source=str(file))
-    model = build_model(config.model, in_channels=len(payload["modalities"]))
+    # Deep-supervision heads only shape training: the loaded model has none.
+    model = build_model(config.model, in_channels=len(payload["modalities"]), for_inference=True)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(inference_state_dict(payload["model"]))
     except RuntimeError as exc:
         raise InputFileError(file, f"weights do not fit the model in its config ({exc})".splitlines()[0]) from exc
     model.to(device).eval()

@@ -3,6 +3,7 @@
     stroke-ray synth    make synthetic ISLES'22- or ATLAS-like cases
     stroke-ray convert  NIfTI dataset -> Zarr store
     stroke-ray export-nnunet  Zarr store -> nnU-Net v2 raw dataset
+    stroke-ray plan     patch size, batch size and network for a store
     stroke-ray train    one training run on Ray Train
     stroke-ray tune     a sweep with Ray Tune + Optuna, tracked in MLflow
     stroke-ray predict  lesion masks for new cases, in their own space
@@ -104,7 +105,10 @@ def convert(
         None, "-m", "--modalities", help="Comma-separated, e.g. dwi,adc,flair (default: all of the layout)."
     ),
     layout: str = typer.Option("auto", help="auto, isles22, atlas or nnunet."),
-    levels: str = typer.Option("64,128", help="Cubic training resolutions to write."),
+    levels: str = typer.Option("64,128", help="Cubic whole-field-of-view training levels to write ('' for none)."),
+    spacing: str = typer.Option(
+        "2", help="Isotropic physical-spacing levels in mm, cropped to the brain, e.g. 2 or 1,2 ('' for none)."
+    ),
     normalization: str = typer.Option("zscore", help="zscore (within brain) or none."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
@@ -120,14 +124,19 @@ def convert(
 
     Exits 1 when any subject failed (after converting all the others), 2 on a bad request.
     """
+    from stroke_ray.grid import spacing_level_name
     from stroke_ray.ingest import convert_dataset
 
+    try:
+        spacing_levels = [spacing_level_name(float(x)) for x in spacing.split(",") if x.strip()]
+    except ValueError as exc:
+        raise StrokeRayError(f"--spacing: {exc}") from None
     report = convert_dataset(
         dataset,
         output,
         modalities=modalities.split(",") if modalities else None,
         layout=layout,
-        levels=[x.strip() for x in levels.split(",") if x.strip()],
+        levels=[x.strip() for x in levels.split(",") if x.strip()] + spacing_levels,
         normalization=normalization,
         address=address,
         num_cpus=num_cpus,
@@ -151,6 +160,49 @@ def export_nnunet(
     from stroke_ray.nnunet_export import export_nnunet as run_export
 
     typer.echo(run_export(store, output, progress=True).summary())
+
+
+@app.command()
+@_user_errors
+def plan(
+    store: str = typer.Argument(..., help="Zarr store written by `stroke-ray convert`."),
+    level: str = typer.Option("2mm", help="Store level to plan for (a spacing level such as 2mm)."),
+    memory_gb: Optional[float] = typer.Option(
+        None, min=0.05, help="Memory budget of one training step in GiB (default: the GPU's, or a CPU default)."
+    ),
+    base_width: Optional[int] = typer.Option(None, min=1, help="Channels of the first level (default 32 on GPU, 16 on CPU)."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config to complete (default: built-in defaults)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the planned training config here (YAML)."),
+) -> None:
+    """Plan patch size, batch size and network for a store, as nnU-Net's planner does."""
+    import yaml
+
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.files import atomic_write_text
+    from stroke_ray.plan import GIB, fingerprint, plan_training
+
+    fp = fingerprint(store, level)
+    planned = plan_training(fp, memory_budget=None if memory_gb is None else int(memory_gb * GIB), base_width=base_width)
+    typer.echo(
+        f"store {fp.store}: {fp.subjects} subjects, level {fp.level}, median shape {fp.median_shape}, "
+        f"spacing {fp.spacing} mm, {fp.channels} channel(s) ({', '.join(fp.modalities)}), "
+        f"lesion volume median {fp.lesion_ml_median} ml (5th percentile {fp.lesion_ml_p5} ml)"
+    )
+    typer.echo(
+        f"plan ({planned.device}, budget {planned.memory_budget_gb} GiB): patch {planned.patch_size}, "
+        f"batch {planned.batch_size}, widths {planned.widths}, estimated {planned.estimated_gb} GiB a step"
+    )
+    if output is not None:
+        raw = (TrainConfig.from_yaml(config) if config is not None else TrainConfig()).model_dump(mode="json")
+        raw["data"]["store"] = store
+        updates = planned.config_updates()
+        raw["data"].update(updates["data"])
+        raw["model"].update(updates["model"])
+        raw["batch_size"] = updates["batch_size"]
+        cfg = TrainConfig.from_dict(raw, source="plan")
+        header = f"# planned by `stroke-ray plan {store} --level {level}`: {planned.as_dict()}\n"
+        atomic_write_text(output, header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        typer.echo(f"wrote {output}")
 
 
 @app.command()

@@ -97,6 +97,10 @@ class ModelConfig(_Strict):
     mid_channels: int | None = None
     checkpointing: bool = False
     out_channels: int = 1  # 1 = sigmoid head; >1 = softmax head
+    # Extra 1x1x1 heads on the decoder's lower levels, trained with nnU-Net's halving loss
+    # weights (losses.DeepSupervisionLoss); training only, never at inference. None = on for
+    # unet3d, off for unet2plus1d (the seed study's network), decided once, below.
+    deep_supervision: bool | None = None
 
     @field_validator("widths")
     @classmethod
@@ -105,11 +109,19 @@ class ModelConfig(_Strict):
             raise ValueError("widths needs at least two positive entries")
         return v
 
+    @model_validator(mode="after")
+    def _deep_supervision_default(self) -> "ModelConfig":
+        if self.deep_supervision is None:
+            self.deep_supervision = self.architecture == "unet3d"
+        return self
+
 
 class DataConfig(_Strict):
     store: str = "data/demo.zarr"
-    level: str = "64"  # "native" or a cube edge written at ingest ("64", "128")
-    patch_size: int = 64
+    # "native", a cube edge written at ingest ("64", "128") or a spacing ("2mm", "1mm")
+    level: str = "64"
+    # Patch edge in voxels of `level`: one int (a cube) or three (x, y, z), e.g. [96, 96, 64].
+    patch_size: int | tuple[int, int, int] = 64
     sampler: SamplerName = "threshold"
     threshold: float = Field(0.2, ge=0.0, le=1.0)
     foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
@@ -131,7 +143,23 @@ class DataConfig(_Strict):
     @field_validator("level", mode="before")
     @classmethod
     def _level(cls, v: object) -> str:
-        return str(v)
+        from stroke_ray.grid import parse_level
+
+        parse_level(str(v))  # ValueError -> a validation error naming data.level
+        return str(v).strip()
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_size(cls, v: int | tuple[int, int, int]) -> int | tuple[int, int, int]:
+        edges = (v,) * 3 if isinstance(v, int) else tuple(v)
+        if any(e < 1 for e in edges):
+            raise ValueError("patch edges must be positive")
+        return v
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The patch size as three edges."""
+        return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else tuple(self.patch_size)  # type: ignore[return-value]
 
 
 class OptimConfig(_Strict):
@@ -299,7 +327,11 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     loss: LossName = "dice_bce"
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1)  # an upper bound when time_budget_s is set
+    # Stop at the first epoch boundary after this many seconds of training (wall clock, or
+    # the training process's CPU seconds with time_budget_clock "process"); None = no limit.
+    time_budget_s: float | None = Field(None, gt=0)
+    time_budget_clock: Literal["wall", "process"] = "wall"
     steps_per_epoch: int = Field(50, ge=1)
     batch_size: int = Field(2, ge=1)
     num_workers: int = Field(1, ge=1)  # Ray Train workers

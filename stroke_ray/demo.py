@@ -82,7 +82,7 @@ def run_demo(
     from stroke_ray.ingest import convert_dataset
     from stroke_ray.predict import predict_dataset
     from stroke_ray.raycluster import connect
-    from stroke_ray.sampling import split_subjects
+    from stroke_ray.splits import split_subjects
     from stroke_ray.synth import generate_dataset
     from stroke_ray.tune import run_sweep
 

@@ -22,7 +22,14 @@ import numpy as np
 from stroke_ray.checks import check_image_values, check_mask_values, mask_on_grid, same_grid
 from stroke_ray.datasets import CaseFiles, Problem, open_dataset
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
-from stroke_ray.grid import cube_affine, orientation_code, resample, resample_mask, spacing_of
+from stroke_ray.grid import (
+    level_grid,
+    orientation_code,
+    parse_level,
+    resample,
+    resample_mask,
+    spacing_of,
+)
 from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
 from stroke_ray.store import NATIVE, LevelArrays, StrokeStore, check_output
@@ -182,16 +189,21 @@ def load_case(
     return PreparedCase(subject, modalities, image, mask_array, ref_affine, attrs)
 
 
-def make_levels(case: PreparedCase, levels: list[int]) -> dict[str, LevelArrays]:
-    """The native level plus one isotropic `n`^3 cube per entry of `levels`."""
+def make_levels(case: PreparedCase, levels: list[str | int]) -> dict[str, LevelArrays]:
+    """The native level plus one training level per entry of `levels` (see `grid.parse_level`).
+
+    Cube levels ("64") hold the whole field of view; spacing levels ("2mm") are isotropic and
+    cropped to the non-zero region. Every level is made by `grid.level_grid` + `grid.resample`,
+    the same calls prediction uses to put a new case onto its model's level.
+    """
     shape = case.image.shape[1:]
     mask = case.mask if case.mask is not None else np.zeros(shape, np.uint8)
     out = {NATIVE: LevelArrays(case.image, mask, case.affine)}
-    for n in levels:
-        n = int(n)
-        dst = cube_affine(shape, case.affine, n)
-        image = np.stack([resample(c, case.affine, (n, n, n), dst, order=1, antialias=True) for c in case.image])
-        out[str(n)] = LevelArrays(image, resample_mask(mask, case.affine, (n, n, n), dst), dst)
+    for level in levels:
+        name = str(level)
+        dst_shape, dst = level_grid(name, shape, case.affine, image=case.image)
+        image = np.stack([resample(c, case.affine, dst_shape, dst, order=1, antialias=True) for c in case.image])
+        out[name] = LevelArrays(image, resample_mask(mask, case.affine, dst_shape, dst), dst)
     return out
 
 
@@ -229,7 +241,7 @@ def _recorded_checksums(store: StrokeStore, subject: str) -> dict[str, str] | No
 def convert_subject(
     case: CaseFiles,
     store_url: str,
-    levels: list[int],
+    levels: list[str],
     storage_options: dict | None = None,
     limits: ImageLimits = ImageLimits(),
     resample_masks: bool = False,
@@ -255,13 +267,23 @@ def convert_subject(
         return "failed", case.subject, [Problem(case.subject, str(store_url), _short(exc))]
 
 
-def _check_levels(levels: list[int]) -> list[int]:
-    try:
-        out = [int(n) for n in levels]
-    except (TypeError, ValueError):
-        raise ConfigError(f"levels must be positive integers, got {levels!r}") from None
-    if any(n < 4 for n in out) or len(set(out)) != len(out):
-        raise ConfigError(f"levels must be distinct integers >= 4, got {out}")
+def check_levels(levels: list[str | int]) -> list[str]:
+    """Training level names, validated: cube edges (64, "128") and spacings ("2mm").
+
+    Raises:
+        ConfigError: an unknown name, "native" (always written), or a repeated level.
+    """
+    out = []
+    for level in levels:
+        try:
+            spec = parse_level(level)
+        except ValueError as exc:
+            raise ConfigError(f"levels: {exc}") from None
+        if spec.kind == "native":
+            raise ConfigError("levels: 'native' is always written; list only training levels")
+        out.append(str(level).strip())
+    if len(set(out)) != len(out):
+        raise ConfigError(f"levels: {out} lists a level twice")
     return out
 
 
@@ -270,7 +292,7 @@ def convert_dataset(
     output: str,
     modalities: list[str] | None = None,
     layout: str = "auto",
-    levels: list[int] = [64, 128],  # noqa: B006 - part of the public signature, never mutated
+    levels: list[str | int] = [64, 128],  # noqa: B006 - part of the public signature, never mutated
     normalization: str = "zscore",
     address: str | None = None,
     num_cpus: int | None = None,
@@ -293,7 +315,7 @@ def convert_dataset(
     start = time.perf_counter()
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
-    levels = _check_levels(levels)
+    levels = check_levels(levels)
     found = open_dataset(dataset, layout)
     chosen = found.resolve(modalities)
     cases, problems = found.discover(chosen, require_mask=True)
@@ -303,7 +325,7 @@ def convert_dataset(
     with writer_lock(output, "convert", storage_options):
         try:
             store = StrokeStore.create(
-                output, chosen, [NATIVE, *map(str, levels)], normalization,
+                output, chosen, [NATIVE, *levels], normalization,
                 storage_options=storage_options, layout=found.layout,
             )
         except (ValueError, OSError) as exc:

@@ -40,6 +40,9 @@ __all__ = [
     "generalized_dice_score",
     "soft_dice_loss",
     "SegmentationLoss",
+    "DeepSupervisionLoss",
+    "deep_supervision_weights",
+    "downsample_target",
 ]
 
 SMOOTH_NR = 1e-5  # added to the Dice numerator: the score of an empty prediction on an empty target is 1
@@ -163,6 +166,56 @@ _TERMS: dict[str, tuple[str | None, bool]] = {
 }
 
 
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights of n outputs (full resolution first): 1, 1/2, 1/4, ..., the lowest
+    resolution's set to 0, normalised to sum to 1. One output gets weight 1."""
+    if n <= 1:
+        return [1.0]
+    raw = [0.5**i for i in range(n)]
+    raw[-1] = 0.0
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def downsample_target(target: torch.Tensor, size: tuple[int, ...], out_channels: int) -> torch.Tensor:
+    """The (B, 1, ...) target at a lower output's `size`.
+
+    A binary target is area-averaged (a soft target: a lesion smaller than a coarse voxel
+    keeps its share instead of vanishing); class indices of a softmax head are sampled
+    nearest, as nnU-Net does."""
+    if tuple(target.shape[2:]) == tuple(size):
+        return target
+    if out_channels == 1:
+        return F.adaptive_avg_pool3d(target.float(), size)
+    return F.interpolate(target.float(), size=size, mode="nearest")
+
+
+class DeepSupervisionLoss(nn.Module):
+    """`loss` on every output of a deep-supervised network, weighted as nnU-Net does.
+
+    Takes the list [full, 1/2, 1/4, ...] of logits a deep-supervised network returns in
+    training mode (a single tensor is passed straight to `loss`) and the full-size target,
+    which is downsampled to each output (`downsample_target`).
+    """
+
+    def __init__(self, loss: nn.Module, out_channels: int = 1):
+        super().__init__()
+        self.loss = loss
+        self.out_channels = out_channels
+
+    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(outputs):
+            return self.loss(outputs, target)
+        weights = deep_supervision_weights(len(outputs))
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        # Every output enters the sum, the zero-weighted one too: DDP expects a gradient
+        # (here 0) for every parameter, including that output's head.
+        for weight, logits in zip(weights, outputs):
+            small = downsample_target(target, tuple(logits.shape[2:]), self.out_channels)
+            total = total + weight * self.loss(logits, small)
+        return total
+
+
 def build_loss(name: str, out_channels: int = 1, **smoothing: float) -> nn.Module:
     """The loss `name` (see the module docstring) for a head with `out_channels` outputs.
 
@@ -172,4 +225,5 @@ def build_loss(name: str, out_channels: int = 1, **smoothing: float) -> nn.Modul
     if out_channels < 1:
         raise ValueError(f"out_channels must be >= 1, got {out_channels}")
     region, use_ce = _TERMS[name]
-    return SegmentationLoss(region, use_ce, **smoothing)
+    # Wrapped so that a deep-supervised network's list of outputs is accepted as well.
+    return DeepSupervisionLoss(SegmentationLoss(region, use_ce, **smoothing), out_channels)

@@ -100,6 +100,52 @@ def lesion_f1(pred: np.ndarray, truth: np.ndarray, empty_value: float = 1.0) -> 
     return tp / (tp + (fp + fn) / 2)
 
 
+# Lesion-size bins of the accuracy benchmark, in ml: small (< 1 ml: embolic dots, lacunes),
+# medium (1-10 ml), large (> 10 ml: territorial infarcts).
+SIZE_BINS_ML = (("<1ml", 0.0, 1.0), ("1-10ml", 1.0, 10.0), (">10ml", 10.0, float("inf")))
+
+
+def lesion_counts_by_size(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], bins=SIZE_BINS_ML
+) -> dict[str, dict[str, int]]:
+    """Lesion-wise (tp, fp, fn) per lesion-size bin, with the ISLES'22 semantics of
+    `lesion_counts`: a true lesion is detected when the prediction touches it (tp, binned by
+    the true lesion's volume, else fn); a predicted component touching no true lesion is a
+    false positive, binned by its own volume. Sum the counts over cases, then take
+    `f1_from_counts`, to get a dataset's F1 per bin.
+    """
+    pred, truth = _binary_pair(pred, truth)
+    voxel_ml = voxel_volume_ml(spacing)
+    out = {name: {"tp": 0, "fp": 0, "fn": 0} for name, _, _ in bins}
+
+    def bin_of(volume_ml: float) -> str:
+        return next(name for name, lo, hi in bins if lo <= volume_ml < hi)
+
+    truth_labels, n_truth = label_lesions(truth)
+    if n_truth:
+        sizes = np.bincount(truth_labels.ravel(), minlength=n_truth + 1)
+        hit = np.zeros(n_truth + 1, bool)
+        hit[np.unique(truth_labels[pred & truth])] = True
+        for label in range(1, n_truth + 1):
+            out[bin_of(sizes[label] * voxel_ml)]["tp" if hit[label] else "fn"] += 1
+    pred_labels, n_pred = label_lesions(pred)
+    if n_pred:
+        sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+        touching = np.zeros(n_pred + 1, bool)
+        touching[np.unique(pred_labels[pred & truth])] = True
+        for label in range(1, n_pred + 1):
+            if not touching[label]:
+                out[bin_of(sizes[label] * voxel_ml)]["fp"] += 1
+    return out
+
+
+def f1_from_counts(tp: int, fp: int, fn: int) -> float | None:
+    """tp / (tp + (fp + fn) / 2); None when there is nothing to count."""
+    if tp + fp + fn == 0:
+        return None
+    return tp / (tp + (fp + fn) / 2)
+
+
 def isles_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
     """The four ISLES'22 case metrics of a binary prediction against the ground truth."""
     pred, truth = _binary_pair(pred, truth)

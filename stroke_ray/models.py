@@ -13,6 +13,12 @@ conv into a (3,3,1) in-plane conv, BatchNorm+ReLU, then a (1,1,3) through-plane 
 The through-plane axis is the LAST spatial axis (Z), which is the slice axis of the volumes
 in the store (axial acquisitions such as ISLES'22 FLAIR have their thick slices along Z).
 
+Deep supervision (nnU-Net): with `deep_supervision=True` each decoder level below the top
+gets its own 1x1x1 head, and in training mode `forward` returns the list of logits
+[full, 1/2, 1/4, ...] (highest resolution first); `losses.DeepSupervisionLoss` weighs them.
+In eval mode, and with `deep_supervision=False`, it returns the full-resolution logits only,
+so inference, export and serving never see the extra heads.
+
 Input sizes must be a multiple of `size_multiple(cfg)` = 2 ** (depth - 1) on every axis.
 """
 
@@ -40,6 +46,7 @@ __all__ = [
     "UNet2Plus1D",
     "UNet3D",
     "Up",
+    "inference_state_dict",
 ]
 
 ConvFactory = Callable[[int, int], nn.Module]
@@ -128,6 +135,7 @@ class UNet(nn.Module):
         upsample: str = "trilinear",
         checkpointing: bool = False,
         conv: ConvFactory = conv3d,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         widths = list(widths)
@@ -142,6 +150,10 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i], upsample) for i in range(len(widths) - 1))
         self.merge = nn.ModuleList(DoubleConv(2 * w, w, conv) for w in widths[:-1])
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        # Heads of decoder levels 1 .. depth-2 (the bottleneck gets none, as in nnU-Net).
+        self.ds_heads = nn.ModuleList(
+            nn.Conv3d(w, out_channels, kernel_size=1) for w in widths[1:-1]
+        ) if deep_supervision else None
 
     @property
     def size_multiple(self) -> int:
@@ -173,9 +185,15 @@ class UNet(nn.Module):
             x = self._block(block, x)
             skips.append(x)
         x = skips.pop()
+        supervise = self.ds_heads is not None and self.training
+        lower: list[torch.Tensor] = []
         for i in reversed(range(len(self.up))):
             x = torch.cat([skips.pop(), self.up[i](x)], dim=1)
             x = self._block(self.merge[i], x)
+            if supervise and i >= 1:
+                lower.append(self.ds_heads[i - 1](x))
+        if supervise:
+            return [self.head(x), *reversed(lower)]
         return self.head(x)
 
 
@@ -189,8 +207,10 @@ class UNet3D(UNet):
         widths: Sequence[int] = (32, 64, 128, 256, 512),
         upsample: str = "trilinear",
         checkpointing: bool = False,
+        deep_supervision: bool = False,
     ):
-        super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv3d)
+        super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv3d,
+                         deep_supervision=deep_supervision)
 
 
 class UNet2Plus1D(UNet):
@@ -207,11 +227,13 @@ class UNet2Plus1D(UNet):
         upsample: str = "trilinear",
         checkpointing: bool = False,
         mid_channels: int | None = None,
+        deep_supervision: bool = False,
     ):
         def conv(n_in: int, n_out: int) -> nn.Module:
             return Conv2Plus1D(n_in, n_out, mid_channels)
 
-        super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv)
+        super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv,
+                         deep_supervision=deep_supervision)
 
 
 def size_multiple(cfg: ModelConfig) -> int:
@@ -219,20 +241,33 @@ def size_multiple(cfg: ModelConfig) -> int:
     return 2 ** (len(cfg.widths) - 1)
 
 
-def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
-    """The network `cfg` describes; returns logits (B, cfg.out_channels, X, Y, Z)."""
+DS_PREFIX = "ds_heads."
+
+
+def build_model(cfg: ModelConfig, in_channels: int, for_inference: bool = False) -> nn.Module:
+    """The network `cfg` describes; returns logits (B, cfg.out_channels, X, Y, Z).
+
+    `for_inference` leaves out the deep-supervision heads (they only shape training); load
+    a training state dict into such a model with `inference_state_dict`.
+    """
     common = dict(
         in_channels=in_channels,
         out_channels=cfg.out_channels,
         widths=cfg.widths,
         upsample=cfg.upsample,
         checkpointing=cfg.checkpointing,
+        deep_supervision=cfg.deep_supervision and not for_inference and len(cfg.widths) > 2,
     )
     if cfg.architecture == "unet3d":
         return UNet3D(**common)
     if cfg.architecture == "unet2plus1d":
         return UNet2Plus1D(**common, mid_channels=cfg.mid_channels)
     raise ValueError(f"unknown architecture {cfg.architecture!r} (unet3d or unet2plus1d)")
+
+
+def inference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training state dict without the deep-supervision heads' weights."""
+    return {k: v for k, v in state.items() if not k.startswith(DS_PREFIX)}
 
 
 def count_parameters(model: nn.Module) -> int:

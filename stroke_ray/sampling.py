@@ -1,273 +1,53 @@
-"""Training patches from a stroke-ray store: subject split, patch samplers, the patch stream.
-
-A sampler turns one subject's summed-volume table (`integral.integral_volume` of its mask)
-into a `PositionSet` once, and the set then yields patch corners in O(1) per draw. The
-threshold sampler enumerates *all* corners that pass the rejection test at once (eight
-look-ups per corner through `integral.box_sums`) and draws uniformly among them, which is
-the same distribution as rejection sampling with uniform proposals but never loops, whatever
-the threshold. See docs/sampling.md for the exact semantics and the fallbacks.
+"""The training patch stream: patches cut from a stroke-ray store, endlessly.
 
 `PatchDataset` is an endless `IterableDataset`: every Ray Train rank and every DataLoader
 worker draws its own reproducible stream, reads a subject's level arrays once per visit into
 a small per-worker cache bounded in bytes, and cuts `samples_per_volume` patches from RAM.
+Where patches come from is the sampler's business (`stroke_ray.samplers`); which subjects
+train is the split's (`stroke_ray.splits`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stroke_ray.config import DataConfig
-from stroke_ray.integral import box_sums, integral_volume
+from stroke_ray.integral import integral_volume
+from stroke_ray.samplers import (
+    EMPTY_MASK,
+    INFEASIBLE,
+    PositionSet,
+    Triple,
+    as_triple,
+    build_sampler,
+)
 
-__all__ = [
-    "ACCEPTED",
-    "EMPTY_MASK",
-    "FOREGROUND",
-    "INFEASIBLE",
-    "UNIFORM",
-    "build_sampler",
-    "cut_patch",
-    "make_loader",
-    "split_manifest",
-    "split_subjects",
-    "ForegroundSampler",
-    "PatchDataset",
-    "PositionSet",
-    "ThresholdSampler",
-    "UniformSampler",
-]
+__all__ = ["PatchDataset", "make_loader", "cut_patch"]
+
 
 log = logging.getLogger(__name__)
 
-Triple = tuple[int, int, int]
-
-# Why a subject's corners are drawn from where they are (stats() counts these).
-ACCEPTED = "accepted"  # threshold test passed somewhere: uniform over the accepted corners
-UNIFORM = "uniform"  # uniform sampler
-EMPTY_MASK = "empty_mask"  # threshold/foreground sampler, no lesion: uniform fallback
-INFEASIBLE = "infeasible"  # no corner passes: the corners with the most lesion voxels
-FOREGROUND = "foreground"  # foreground sampler with lesion voxels
-
-
-# --- split ---------------------------------------------------------------------------------
-def _subject_key(subject: str, seed: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{subject}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def split_subjects(
-    subjects: list[str], val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Deterministic, disjoint train/validation split (both returned sorted).
-
-    Subjects are ranked by a hash of (seed, subject id) and the lowest-ranked
-    round(val_fraction * n) go to validation (at least one of each when n >= 2). A subject's
-    rank does not depend on the others, so adding subjects moves few of the existing ones.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    unique = sorted(set(subjects))
-    if len(unique) != len(subjects):
-        raise ValueError("split_subjects: subject ids must be unique")
-    n = len(unique)
-    if n < 2:
-        return unique, []
-    n_val = min(max(1, round(val_fraction * n)), n - 1)
-    ranked = sorted(unique, key=lambda s: (_subject_key(s, seed), s))
-    val = sorted(ranked[:n_val])
-    train = sorted(ranked[n_val:])
-    return train, val
-
-
-def split_manifest(train: list[str], val: list[str], seed: int | None = None) -> dict:
-    """A JSON-able record of a split, for the run's tracking (params/artifacts)."""
-    digest = hashlib.sha256(
-        ("train:" + ",".join(sorted(train)) + ";val:" + ",".join(sorted(val))).encode()
-    ).hexdigest()
-    manifest = {
-        "method": "blake2b(seed:subject) rank",
-        "num_train": len(train),
-        "num_val": len(val),
-        "train": sorted(train),
-        "val": sorted(val),
-        "sha256": digest,
-    }
-    if seed is not None:
-        manifest["seed"] = int(seed)
-    return manifest
-
-
-# --- samplers ------------------------------------------------------------------------------
-def _as_triple(patch: int | Triple) -> Triple:
-    if isinstance(patch, (int, np.integer)):
-        return (int(patch),) * 3
-    return tuple(int(p) for p in patch)  # type: ignore[return-value]
-
-
-@dataclass
-class PositionSet:
-    """Where one subject's patch corners may be drawn from; `sample` is O(1).
-
-    Corners live on a grid starting at `origin` (negative on axes where the volume is
-    shorter than the patch: the patch is then zero-padded) with `grid` positions per axis.
-    `corners` holds flat indices into that grid, or None for all of them.
-    """
-
-    shape: Triple
-    patch: Triple
-    origin: Triple
-    grid: Triple
-    reason: str
-    corners: np.ndarray | None = None
-    lesion_voxels: np.ndarray | None = None  # (L, 3) voxel coords, foreground sampler only
-    fraction: float = 0.0  # foreground sampler: probability of a lesion-centred patch
-
-    @property
-    def size(self) -> int:
-        """Number of distinct corners a uniform draw ranges over."""
-        return int(np.prod(self.grid)) if self.corners is None else int(self.corners.size)
-
-    def all_corners(self) -> np.ndarray:
-        """(M, 3) array of every corner the set draws from (foreground: the uniform part)."""
-        flat = np.arange(int(np.prod(self.grid))) if self.corners is None else self.corners
-        return np.stack(np.unravel_index(flat, self.grid), axis=1) + np.asarray(self.origin)
-
-    def sample(self, rng: np.random.Generator) -> Triple:
-        """One patch corner (x, y, z) in voxel coordinates of the volume."""
-        if self.lesion_voxels is not None and rng.random() < self.fraction:
-            voxel = self.lesion_voxels[rng.integers(len(self.lesion_voxels))]
-            # The lesion voxel lands anywhere inside the patch, then the corner is clipped
-            # into the valid range, which keeps the voxel inside (see docs/sampling.md).
-            offset = rng.integers(0, self.patch)
-            lo = np.asarray(self.origin)
-            hi = lo + np.asarray(self.grid) - 1
-            return tuple(int(c) for c in np.clip(voxel - offset, lo, hi))  # type: ignore[return-value]
-        if self.corners is None:
-            pos = rng.integers(0, self.grid)
-            return tuple(int(o + p) for o, p in zip(self.origin, pos))  # type: ignore[return-value]
-        flat = int(self.corners[rng.integers(self.corners.size)])
-        return tuple(int(o + p) for o, p in zip(self.origin, np.unravel_index(flat, self.grid)))  # type: ignore[return-value]
-
-
-def _frame(table: np.ndarray, patch: Triple) -> tuple[Triple, Triple, Triple]:
-    shape = tuple(int(s) - 1 for s in table.shape)
-    origin = tuple(min(0, s - n) for s, n in zip(shape, patch))
-    grid = tuple(abs(s - n) + 1 for s, n in zip(shape, patch))
-    return shape, origin, grid  # type: ignore[return-value]
-
-
-def _padded_box_sums(table: np.ndarray, patch: Triple) -> np.ndarray:
-    """Lesion count of every corner of the (possibly padded) corner grid.
-
-    Zero-padding the mask by `pad` voxels on both sides of a short axis is edge-padding its
-    summed-volume table (the first plane is all zeros, the last is the running total), so
-    the stored table is reused as is.
-    """
-    shape = [int(s) - 1 for s in table.shape]
-    pad = [(max(0, n - s),) * 2 for s, n in zip(shape, patch)]
-    if any(p[0] for p in pad):
-        table = np.pad(np.asarray(table), pad, mode="edge")
-    return box_sums(table, patch)
-
-
-class UniformSampler:
-    """Every corner equally likely: corner in [0, dim - N] per axis ([dim - N, 0] if dim < N)."""
-
-    name = "uniform"
-
-    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
-        patch = _as_triple(patch)
-        shape, origin, grid = _frame(table, patch)
-        return PositionSet(shape, patch, origin, grid, UNIFORM)
-
-
-class ThresholdSampler:
-    """Rejection sampling's distribution without the rejections.
-
-    A cube is kept when count(lesion in cube) / reference > threshold (strict), where the
-    reference is the subject's total lesion volume (`reference="subject"`) or the cube's
-    volume N^3 (`reference="cube"`). Corners are drawn uniformly among all kept cubes.
-    Fallbacks: empty mask -> uniform corners; no cube passes -> uniform among the corners
-    holding the most lesion voxels (the best fraction reachable).
-    """
-
-    name = "threshold"
-
-    def __init__(self, threshold: float = 0.2, reference: str = "subject"):
-        if reference not in ("subject", "cube"):
-            raise ValueError(f"reference must be 'subject' or 'cube', got {reference!r}")
-        self.threshold = float(threshold)
-        self.reference = reference
-
-    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
-        patch = _as_triple(patch)
-        table = np.asarray(table)
-        shape, origin, grid = _frame(table, patch)
-        total = int(table[-1, -1, -1])
-        if total == 0:
-            return PositionSet(shape, patch, origin, grid, EMPTY_MASK)
-        counts = _padded_box_sums(table, patch)
-        denominator = total if self.reference == "subject" else int(np.prod(patch))
-        kept = np.flatnonzero(counts / denominator > self.threshold)
-        if kept.size:
-            return PositionSet(shape, patch, origin, grid, ACCEPTED, corners=kept)
-        best = np.flatnonzero(counts == counts.max())
-        return PositionSet(shape, patch, origin, grid, INFEASIBLE, corners=best)
-
-
-class ForegroundSampler:
-    """nnU-Net style: with probability `fraction` a patch holding a random lesion voxel
-    (anywhere inside the patch), otherwise a uniform corner. Empty mask -> uniform."""
-
-    name = "foreground"
-
-    def __init__(self, fraction: float = 0.33):
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        self.fraction = float(fraction)
-
-    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
-        patch = _as_triple(patch)
-        table = np.asarray(table)
-        shape, origin, grid = _frame(table, patch)
-        if int(table[-1, -1, -1]) == 0:
-            return PositionSet(shape, patch, origin, grid, EMPTY_MASK)
-        mask = box_sums(table, (1, 1, 1))  # the mask back from its table: exact
-        voxels = np.argwhere(mask > 0).astype(np.int32)
-        return PositionSet(
-            shape, patch, origin, grid, FOREGROUND, lesion_voxels=voxels, fraction=self.fraction
-        )
-
-
-def build_sampler(name: str, threshold: float = 0.2, foreground_fraction: float = 0.33):
-    """A sampler from its config name (uniform | threshold | threshold_cube | foreground)."""
-    if name == "uniform":
-        return UniformSampler()
-    if name == "threshold":
-        return ThresholdSampler(threshold, reference="subject")
-    if name == "threshold_cube":
-        return ThresholdSampler(threshold, reference="cube")
-    if name == "foreground":
-        return ForegroundSampler(foreground_fraction)
-    raise ValueError(f"unknown sampler {name!r} (uniform, threshold, threshold_cube, foreground)")
-
 
 # --- patch cutting -------------------------------------------------------------------------
-def cut_patch(volume: np.ndarray, corner: Triple, patch: Triple) -> np.ndarray:
-    """volume[..., x:x+N, y:y+N, z:z+N] as a new contiguous array, zero outside the volume."""
+def cut_patch(volume: np.ndarray, corner: Triple, patch: Triple, fill: np.ndarray | None = None) -> np.ndarray:
+    """volume[..., x:x+N, y:y+N, z:z+N] as a new contiguous array.
+
+    Outside the volume the patch holds `fill`: one value per leading channel of a (C, ...)
+    volume (a normalised image's air value), or 0 when None.
+    """
     spatial = volume.shape[-3:]
     if all(c >= 0 and c + n <= s for c, n, s in zip(corner, patch, spatial)):
         x, y, z = corner
         return np.ascontiguousarray(volume[..., x : x + patch[0], y : y + patch[1], z : z + patch[2]])
     out = np.zeros(volume.shape[:-3] + tuple(patch), dtype=volume.dtype)
+    if fill is not None:
+        out[...] = np.asarray(fill, dtype=volume.dtype).reshape((-1,) + (1,) * 3)
     src, dst = [], []
     for c, n, s in zip(corner, patch, spatial):
         lo, hi = max(c, 0), min(c + n, s)
@@ -304,7 +84,8 @@ class _ByteLRU:
 
 # --- the patch stream ----------------------------------------------------------------------
 class PatchDataset(IterableDataset):
-    """Endless stream of {"image": (C,N,N,N) float, "mask": (1,N,N,N) float, "subject": str}.
+    """Endless stream of {"image": (C,X,Y,Z) float, "mask": (1,X,Y,Z) float, "air": (C,) float,
+    "subject": str}, where (X, Y, Z) is the patch size and "air" each channel's padding value.
 
     The stream of rank r and DataLoader worker w is seeded by SeedSequence([seed, r, w]):
     reproducible, and distinct across ranks and workers.
@@ -318,7 +99,7 @@ class PatchDataset(IterableDataset):
         store: str,
         subjects: list[str],
         level: str,
-        patch_size: int,
+        patch_size: int | Triple,
         sampler: str = "threshold",
         threshold: float = 0.2,
         foreground_fraction: float = 0.33,
@@ -338,7 +119,7 @@ class PatchDataset(IterableDataset):
         self.store_url = store
         self.subjects = list(subjects)
         self.level = str(level)
-        self.patch = _as_triple(patch_size)
+        self.patch = as_triple(patch_size)
         self.sampler_name = sampler
         self.sampler = build_sampler(sampler, threshold, foreground_fraction)
         self.samples_per_volume = int(samples_per_volume)
@@ -387,6 +168,15 @@ class PatchDataset(IterableDataset):
                 )
         return pos
 
+    def air(self, subject: str) -> np.ndarray:
+        """(C,) float32: each channel's value for raw 0 (air) as the network sees it.
+
+        Patches reaching beyond the volume are padded with it, so the network sees air
+        there, as at the edge of the field of view, not the brain's mean intensity."""
+        channels = len(self.store.modalities)
+        zeros = np.zeros((channels, 1, 1, 1), np.float32)
+        return (self.store.normalise(subject, zeros) if self.normalise else zeros).reshape(-1)
+
     def _volume(self, subject: str) -> tuple[np.ndarray, np.ndarray]:
         cached = self._volumes.get(subject) if self._volumes is not None else None
         if cached is not None:
@@ -399,21 +189,24 @@ class PatchDataset(IterableDataset):
             self._volumes.put(subject, (image, mask))
         return image, mask
 
-    def _read_patch(self, subject: str, corner: Triple, volume=None) -> tuple[np.ndarray, np.ndarray]:
+    def _read_patch(
+        self, subject: str, corner: Triple, air: np.ndarray, volume=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if volume is not None:
             image, mask = volume
-            return cut_patch(image, corner, self.patch), cut_patch(mask, corner, self.patch)
-        # Direct Zarr reads of the patch's region only (cache_bytes=0).
+            return cut_patch(image, corner, self.patch, fill=air), cut_patch(mask, corner, self.patch)
+        # Direct Zarr reads of the patch's region only (cache_bytes=0); raw 0 pads, then
+        # normalising turns it into air.
         shape = self.store.mask(subject, self.level).shape
         src = tuple(slice(max(c, 0), min(c + n, s)) for c, n, s in zip(corner, self.patch, shape))
         image = np.asarray(self.store.image(subject, self.level)[(slice(None), *src)], np.float32)
-        if self.normalise:
-            image = self.store.normalise(subject, image)
         mask = np.asarray(self.store.mask(subject, self.level)[src], np.uint8)
         inner = tuple(max(-c, 0) for c in corner)
         if image.shape[-3:] != self.patch:
             image = cut_patch(image, tuple(-i for i in inner), self.patch)  # type: ignore[arg-type]
             mask = cut_patch(mask, tuple(-i for i in inner), self.patch)  # type: ignore[arg-type]
+        if self.normalise:
+            image = self.store.normalise(subject, image)
         return image, mask
 
     def stream_seed(self) -> np.random.SeedSequence:
@@ -431,13 +224,15 @@ class PatchDataset(IterableDataset):
                 pos = self.positions(subject)
                 # Read once per visit (from the cache when it holds the subject).
                 volume = self._volume(subject) if self.cache_bytes > 0 else None
+                air = self.air(subject)
                 for _ in range(self.samples_per_volume):
                     corner = pos.sample(rng)
                     self._draws[pos.reason] += 1
-                    image, mask = self._read_patch(subject, corner, volume)
+                    image, mask = self._read_patch(subject, corner, air, volume)
                     yield {
                         "image": torch.from_numpy(image),
                         "mask": torch.from_numpy(mask[None].astype(np.float32)),
+                        "air": torch.from_numpy(air),
                         "subject": subject,
                     }
 
@@ -462,7 +257,7 @@ def make_loader(
         cfg.store,
         subjects,
         level=cfg.level,
-        patch_size=cfg.patch_size,
+        patch_size=cfg.patch,
         sampler=cfg.sampler,
         threshold=cfg.threshold,
         foreground_fraction=cfg.foreground_fraction,

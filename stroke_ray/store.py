@@ -36,7 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from stroke_ray.errors import StrokeRayError
-from stroke_ray.grid import spacing_of
+from stroke_ray.grid import NATIVE, spacing_of  # store.NATIVE re-exports the level name
 from stroke_ray.integral import integral_volume
 from stroke_ray.intensity import normalise
 from stroke_ray.locations import is_url, local_or_url
@@ -61,7 +61,6 @@ FORMAT_NAME = "stroke-ray"
 #      valid version-2 subject read in place, so opening a version-1 store needs no
 #      migration; the first write into it records version 2.
 FORMAT_VERSION = 2
-NATIVE = "native"
 
 # Chosen by measurement of random 64^3 patch and whole-volume reads on 128^3 and 192^3
 # levels (benchmarks/bench_chunks.py, docs/data.md): all channels of a 64^3 block in one

@@ -49,15 +49,21 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
 
 
-def lr_at(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+def lr_at(
+    cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int, budget_fraction: float | None = None
+) -> float:
     """Learning rate at a global optimizer step: linear warm-up, then constant/cosine/poly.
 
-    A pure function of the step (as in nanoGPT), so a resumed run needs no scheduler state.
+    A pure function of the step (as in nanoGPT), so a resumed run needs no scheduler state;
+    under a time budget the schedule follows whichever is further along, the steps or the
+    spent share of the budget (`budget_fraction`).
     """
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if budget_fraction is not None:
+        progress = max(progress, min(1.0, budget_fraction))
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "poly":  # nnU-Net's decay
@@ -103,7 +109,7 @@ def validate(
         image = store.normalise(subject, np.asarray(store.image(subject, level)[...]))
         truth = np.asarray(store.mask(subject, level)[...])
         prob = sliding_window_predict(
-            model, image, cfg.data.patch_size, overlap=cfg.val_overlap,
+            model, image, cfg.data.patch, overlap=cfg.val_overlap,
             batch_size=cfg.batch_size, device=device, amp=amp, multiple=multiple,
         )
         pred = (prob >= 0.5).astype(np.uint8)
@@ -128,10 +134,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from stroke_ray import tracking
     from stroke_ray.augment import augment_batch, step_generator
+    from stroke_ray.budget import TrainingBudget
     from stroke_ray.checkpoint import read_checkpoint, save_checkpoint, unwrap
     from stroke_ray.losses import build_loss
     from stroke_ray.models import build_model, size_multiple
-    from stroke_ray.sampling import make_loader, split_subjects
+    from stroke_ray.sampling import make_loader
+    from stroke_ray.splits import split_subjects
     from stroke_ray.store import StrokeStore
 
     t_start = time.perf_counter()
@@ -191,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(loader)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     first_step_s = None
+    budget = TrainingBudget(cfg.time_budget_s, cfg.time_budget_clock, resumed_metrics.get("budget_spent_s", 0.0))
 
     for epoch in range(start_epoch, cfg.epochs):
         t_epoch = time.perf_counter()
@@ -211,7 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 image = image.contiguous(memory_format=torch.channels_last_3d)
             t1 = time.perf_counter()
 
-            lr = lr_at(cfg.optim, epoch * cfg.steps_per_epoch + step, total_steps, cfg.steps_per_epoch)
+            lr = lr_at(cfg.optim, epoch * cfg.steps_per_epoch + step, total_steps, cfg.steps_per_epoch,
+                       budget.fraction())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -250,6 +260,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_time_s": time.perf_counter() - t_epoch,
             "first_step_s": first_step_s,
         }
+        # Every rank stops at the same epoch (DDP would hang otherwise): the slowest decides.
+        spent, out_of_budget = _all_reduce_sum([budget.spent(), float(budget.exhausted())], device)
+        if budget.limited:
+            metrics["budget_spent_s"] = spent / world
+        stop = out_of_budget > 0
 
         # checkpoint every epoch (rank 0 writes, Ray persists it), then log the epoch
         with tempfile.TemporaryDirectory() as tmp:
@@ -264,11 +279,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if client is not None:
             tracking.log_metrics(client, run_id, metrics, step=epoch)
-            last = epoch == cfg.epochs - 1
+            last = stop or epoch == cfg.epochs - 1
             every = cfg.overlay_every and (epoch + 1) % cfg.overlay_every == 0
             if example is not None and (last or every):
                 subject, image, truth, pred = example
                 tracking.log_overlays(client, run_id, image, truth, pred, name=f"epoch{epoch:03d}_{subject}")
+        if stop:
+            break
 
 
 def _yaml(cfg: TrainConfig) -> str:
@@ -302,8 +319,8 @@ def check_inputs(cfg: TrainConfig) -> None:
 
     check_store(cfg.data.store, [cfg.data.level])
     multiple = size_multiple(cfg.model)
-    if cfg.data.patch_size % multiple:
-        raise ConfigError(f"data.patch_size: {cfg.data.patch_size} is not a multiple of {multiple} (2 ** (len(model.widths) - 1))")
+    if any(edge % multiple for edge in cfg.data.patch):
+        raise ConfigError(f"data.patch_size: {cfg.data.patch_size} is not a multiple of {multiple} (2 ** (len(model.widths) - 1)) on every axis")
 
 
 def build_trainer(

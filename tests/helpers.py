@@ -32,8 +32,8 @@ def make_checkpoint(directory: Path, level: str = "32", patch: int = 32, bias: f
                       val_overlap=0.0)
     model = build_model(cfg.model, in_channels=len(MODALITIES))
     if bias is not None:
-        # Zero the last conv's weights so every voxel gets the same logit: a known mask.
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        # Zero the output head's weights so every voxel gets the same logit: a known mask.
+        last = model.head  # the output head (deep-supervision heads come after it in modules())
         with torch.no_grad():
             last.weight.zero_()
             last.bias.fill_(bias)

@@ -18,7 +18,8 @@ def _trained_bits(cfg: TrainConfig):
     model = build_model(cfg.model, in_channels=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(1, 2, 16, 16, 16)
-    model(x).mean().backward()
+    outputs = model(x)  # deep supervision (on for unet3d): a list in training mode
+    sum(o.mean() for o in (outputs if isinstance(outputs, list) else [outputs])).backward()
     optimizer.step()  # so the optimizer state holds tensors too
     return model, optimizer, x
 

@@ -24,7 +24,7 @@ def demo(ray_local, tmp_path_factory):
 
 def test_demo_predicts_the_held_out_cases_in_their_own_space(demo):
     from stroke_ray.datasets import discover
-    from stroke_ray.sampling import split_subjects
+    from stroke_ray.splits import split_subjects
 
     result, _ = demo
     cases = {c.subject: c for c in discover(result.dataset, layout="isles22")[0]}

@@ -46,7 +46,8 @@ def test_fixed_function_gives_expected_probability_at_odd_sizes(classes):
     assert prob.shape == (13, 17, 9) and prob.dtype == np.float32
     np.testing.assert_allclose(prob, sigmoid(image[0]), atol=1e-5)
     assert model.calls > 1  # really windowed (13x17x9 in 8^3 windows)
-    assert window_size(6, 4) == 8
+    assert window_size(6, 4) == (8, 8, 8)
+    assert window_size((6, 9, 16), 4) == (8, 12, 16)
 
 
 def test_tensor_input_and_unet_output_shape():

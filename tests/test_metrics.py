@@ -122,3 +122,26 @@ def test_real_isles_case_volume_and_lesion_counts(isles_sample):
     assert m["abs_volume_diff_ml"] == pytest.approx(523 * 8 / 1000)  # 523 voxels of 2 mm
     assert m["abs_lesion_count_diff"] == ndimage.label(truth, structure=np.ones((3, 3, 3)))[1] > 0
     assert isles_metrics(truth, truth, spacing)["lesion_f1"] == 1.0
+
+
+def test_lesion_counts_by_size_bins_true_and_false_lesions():
+    from stroke_ray.metrics import f1_from_counts, lesion_counts, lesion_counts_by_size
+
+    truth = np.zeros((60, 60, 60), bool)
+    pred = np.zeros_like(truth)
+    truth[2:5, 2:5, 2:5] = True  # 27 voxels of 8 mm^3 = 0.216 ml: small, detected
+    pred[3, 3, 3] = True
+    truth[20:22, 20:22, 20:22] = True  # 0.064 ml: small, missed
+    truth[30:45, 30:45, 30:36] = True  # 1350 voxels = 10.8 ml: large, detected
+    pred[30:40, 30:40, 30:36] = True
+    pred[50:56, 50:56, 50:56] = True  # 216 voxels = 1.728 ml: a medium false positive
+    counts = lesion_counts_by_size(pred, truth, (2.0, 2.0, 2.0))
+    assert counts == {
+        "<1ml": {"tp": 1, "fp": 0, "fn": 1},
+        "1-10ml": {"tp": 0, "fp": 1, "fn": 0},
+        ">10ml": {"tp": 1, "fp": 0, "fn": 0},
+    }
+    # The bins add up to the whole-case counts.
+    tp, fp, fn = lesion_counts(pred, truth)
+    assert (tp, fp, fn) == tuple(sum(c[k] for c in counts.values()) for k in ("tp", "fp", "fn"))
+    assert f1_from_counts(1, 0, 1) == pytest.approx(2 / 3) and f1_from_counts(0, 0, 0) is None

@@ -24,6 +24,8 @@ TINY = [4, 8, 16]
 
 
 def _cfg(arch: str, **kw) -> ModelConfig:
+    # The plain networks: deep supervision (lists of outputs in training) is tested in test_recipe.py.
+    kw.setdefault("deep_supervision", False)
     return ModelConfig(architecture=arch, widths=kw.pop("widths", TINY), **kw)
 
 
@@ -82,11 +84,14 @@ def test_mid_width_formula():
 
 
 def test_default_widths_parameter_count():
-    n3d = count_parameters(build_model(ModelConfig(architecture="unet3d"), in_channels=3))
+    n3d = count_parameters(build_model(ModelConfig(architecture="unet3d", deep_supervision=False), in_channels=3))
     n21 = count_parameters(build_model(ModelConfig(architecture="unet2plus1d"), in_channels=3))
     # Documented in docs/models.md: 21,361,441 vs 21,366,816 for 3 input channels, 1 output.
     assert n3d == 21_361_441
     assert abs(n21 - n3d) / n3d < 0.01
+    # Deep supervision adds one 1x1x1 head (weights + bias) per decoder level 64, 128, 256.
+    with_heads = count_parameters(build_model(ModelConfig(architecture="unet3d"), in_channels=3))
+    assert with_heads - n3d == (64 + 1) + (128 + 1) + (256 + 1)
 
 
 def test_size_multiple_and_bad_size():

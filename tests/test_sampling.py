@@ -10,20 +10,18 @@ import torch
 
 from stroke_ray.config import DataConfig
 from stroke_ray.integral import integral_volume
-from stroke_ray.sampling import (
+from stroke_ray.samplers import (
     ACCEPTED,
     EMPTY_MASK,
     FOREGROUND,
     INFEASIBLE,
     ForegroundSampler,
-    PatchDataset,
+    Sampler,
     ThresholdSampler,
     UniformSampler,
-    cut_patch,
-    make_loader,
-    split_manifest,
-    split_subjects,
 )
+from stroke_ray.sampling import PatchDataset, cut_patch, make_loader
+from stroke_ray.splits import split_manifest, split_subjects
 from stroke_ray.store import LevelArrays, StrokeStore
 
 
@@ -225,6 +223,24 @@ def test_patch_larger_than_native_level_is_padded(tiny_store):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
+def test_normalised_patches_are_padded_with_air_not_the_mean(tiny_store):
+    """Beyond the volume a patch holds each channel's normalised raw 0 (air), whichever
+    read path cut it; an anisotropic patch size is honoured."""
+    store = StrokeStore.open(tiny_store)
+    mean, std = store.norm_stats("sub-0")
+    air = -mean / std  # raw 0 after z-scoring: about -20 for these channels, far from 0
+    cached = PatchDataset(tiny_store, ["sub-0"], "native", (12, 8, 14), sampler="uniform")
+    direct = PatchDataset(tiny_store, ["sub-0"], "native", (12, 8, 14), sampler="uniform", cache_bytes=0)
+    for a, b in zip(take(cached, 6), take(direct, 6)):
+        assert a["image"].shape == (2, 12, 8, 14) and a["mask"].shape == (1, 12, 8, 14)
+        np.testing.assert_allclose(a["image"].numpy(), b["image"].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a["air"].numpy(), air, rtol=1e-6)
+        # z is 10 voxels long, the patch 14: at least 4 planes are pure air in every channel
+        planes = a["image"].numpy().transpose(3, 0, 1, 2).reshape(14, 2, -1)
+        is_air = np.all(np.isclose(planes, air[None, :, None], atol=1e-4), axis=(1, 2))
+        assert is_air.sum() >= 4
+
+
 def _stream_keys(loader, n):
     return [(s, float(img.sum())) for batch in take(loader, n)
             for s, img in zip(batch["subject"], batch["image"])]
@@ -290,3 +306,11 @@ def test_stream_from_a_converted_store(synth_store):
     assert batch["mask"].shape == (4, 1, 16, 16, 16)
     assert set(batch["subject"]) <= set(train)
     assert all(m.sum() > 0 for m in batch["mask"])  # threshold patches hold lesion
+
+
+def test_every_sampler_follows_the_sampler_protocol():
+    from stroke_ray.samplers import build_sampler
+
+    for name in ("uniform", "threshold", "threshold_cube", "foreground"):
+        sampler = build_sampler(name)
+        assert isinstance(sampler, Sampler) and sampler.name in name

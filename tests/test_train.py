@@ -78,6 +78,23 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05
     poly = cfg.model_copy(update={"schedule": "poly", "warmup_epochs": 0})
     assert lr_at(poly, 0, 10, 5) == 1.0 and lr_at(poly, 9, 10, 5) < 0.2
+    # Under a time budget the schedule follows the spent share when it is further along.
+    assert lr_at(poly, 0, 10, 5, budget_fraction=1.0) == 0.0
+    assert lr_at(poly, 9, 10, 5, budget_fraction=0.1) == lr_at(poly, 9, 10, 5)
+
+
+def test_training_budget_counts_across_resumes():
+    from stroke_ray.budget import TrainingBudget
+
+    assert TrainingBudget(None).fraction() is None and not TrainingBudget(None).exhausted()
+    resumed = TrainingBudget(10.0, "process", already_spent=9.999)
+    while not resumed.exhausted():
+        sum(range(10_000))  # spend a little CPU time
+    assert resumed.fraction() == 1.0 and resumed.spent() >= 10.0
+    with pytest.raises(ValueError):
+        TrainingBudget(0.0)
+    with pytest.raises(ValueError):
+        TrainingBudget(1.0, clock="gpu")
 
 
 def test_bad_inputs_fail_before_any_run_or_mlflow_run(tiny_store, tmp_path, mlflow_uri):
@@ -139,6 +156,19 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
     # Only the checkpoints Ray was told to keep remain on disk, in the run's folder.
     kept = [p for p in (tmp_path / "runs" / "resumable").glob("checkpoint_*") if p.is_dir()]
     assert 1 <= len(kept) <= 2
+
+
+def test_time_budget_stops_at_an_epoch_boundary(ray_local, tiny_store, tmp_path):
+    """A spent budget ends training after the epoch in which it ran out, checkpointed and
+    reported like any last epoch; an anisotropic patch and deep supervision train too."""
+    cfg = tiny_config(tiny_store, tmp_path, name="budgeted", epochs=5, time_budget_s=1e-3,
+                      time_budget_clock="process", model={"widths": [4, 8, 16], "deep_supervision": True})
+    cfg.data.patch_size = (16, 8, 16)
+    result = build_trainer(cfg).fit()
+    assert result.metrics["epoch"] == 0 and result.metrics["budget_spent_s"] >= 1e-3
+    with result.checkpoint.as_directory() as d:
+        loaded = load_checkpoint(d)
+    assert loaded.epoch == 0 and not hasattr(loaded.model, "ds_heads") or loaded.model.ds_heads is None
 
 
 def test_worker_failure_restarts_from_last_checkpoint(ray_local, tiny_store, tmp_path):

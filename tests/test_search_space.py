@@ -37,16 +37,22 @@ def test_shipped_spaces_sample_valid_configs(name):
 
 
 def test_condition_only_samples_when_parent_matches():
+    # The default space's sampler settings are conditional on the sampler drawn.
     space = SearchSpace.load(SPACES / "default.yaml")
-    seen = {"64": set(), "128": set()}
+    base = TrainConfig()
+    seen = {"foreground": set(), "threshold": set()}
     for params in _sample(space, 60):
-        level = params["data.level"]
-        assert ("data.patch_size" in params) == (level == "64")
-        cfg = space.trial_config(TrainConfig(), params)
-        seen[level].add(cfg.data.patch_size)
+        sampler = params["data.sampler"]
+        assert ("data.foreground_fraction" in params) == (sampler == "foreground")
+        assert ("data.threshold" in params) == (sampler == "threshold")
+        cfg = space.trial_config(base, params)
+        seen[sampler].add((cfg.data.threshold, cfg.data.foreground_fraction))
         assert isinstance(cfg.model.widths, list) and len(cfg.model.widths) == 5
-    assert seen["64"] == {32, 64}
-    assert seen["128"] == {TrainConfig().data.patch_size}  # inactive: the base config's value
+        assert cfg.data.level == "2mm" and cfg.data.patch in {(64, 64, 64), (80, 96, 80)}
+    # An inactive parameter keeps the base config's value.
+    assert {f for _, f in seen["threshold"]} == {base.data.foreground_fraction}
+    assert {t for t, _ in seen["foreground"]} == {base.data.threshold}
+    assert len(seen["threshold"]) > 1 and len(seen["foreground"]) > 1
 
 
 def test_seed_replication_ties_architecture_to_level():
@@ -170,7 +176,7 @@ def test_importances_need_two_finished_trials():
 
 def test_levels_a_space_can_train_on():
     base = TrainConfig()
-    assert SearchSpace.load(SPACES / "default.yaml").levels(base) == {"64", "128"}
+    assert SearchSpace.load(SPACES / "default.yaml").levels(base) == {"2mm"}
     assert SearchSpace.load(SPACES / "seed_replication.yaml").levels(base) == {"64", "128"}
     smoke = SearchSpace.load(SPACES / "smoke.yaml")
     assert smoke.levels(base) == {"64"}

@@ -56,7 +56,7 @@ def main() -> None:
 
     from stroke_ray.ingest import load_case
     from stroke_ray.predict import Segmenter, like_reference, nifti_bytes
-    from stroke_ray.serving import start_server, stop_server
+    from stroke_ray.service import start_server, stop_server
 
     files = {m: SAMPLE / "rawdata" / SUBJECT / SES / f"{SUBJECT}_{SES}_{m}.nii.gz" for m in MODALITIES}
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))

@@ -22,10 +22,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0"
   fi
 fi
-# Re-install only when the project's metadata changed since the last set-up.
+# Re-install only when the project's metadata or the tested versions changed since the last
+# set-up. constraints.txt holds the versions the tests ran with (torch excepted, see above).
 stamp=.venv/.stroke-ray-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "${PIP[@]}" -e ".[test]"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  "${PIP[@]}" -c constraints.txt -e ".[test]"
   touch "$stamp"
 fi
 .venv/bin/python -c "import stroke_ray, torch; print(f'stroke-ray {stroke_ray.__version__} ready (torch {torch.__version__}, CUDA {torch.cuda.is_available()})')"

@@ -336,29 +336,43 @@ def serve(
         CHAMPION_URI, "-m", "--model",
         help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
     ),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs a token."),
     port: int = typer.Option(8000, help="HTTP port."),
+    token_file: Optional[Path] = typer.Option(
+        None, help="File holding the bearer token (default: $STROKE_RAY_SERVE_TOKEN_FILE, else $STROKE_RAY_SERVE_TOKEN).",
+    ),
     replicas: int = typer.Option(1, min=1, help="Fixed number of replicas."),
     min_replicas: Optional[int] = typer.Option(None, min=0, help="Autoscaling: fewest replicas."),
     max_replicas: Optional[int] = typer.Option(None, min=1, help="Autoscaling: most replicas."),
     gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per replica (fractions share a GPU)."),
     cpus_per_replica: float = typer.Option(1.0, min=0.0, help="CPUs per replica."),
     max_upload_mb: int = typer.Option(512, min=1, help="Largest accepted request body, in MB."),
+    body_timeout: float = typer.Option(120.0, min=1.0, help="Seconds within which a whole upload must arrive."),
+    max_concurrent: int = typer.Option(1, min=1, help="Predictions running at once per replica."),
+    max_queued: int = typer.Option(4, min=0, help="Predictions waiting per replica; more get 503."),
+    reload_interval: float = typer.Option(
+        60.0, min=0.0, help="Seconds between checks of a models:/name@alias for a new version (0: only on POST /admin/reload).",
+    ),
+    docs: bool = typer.Option(False, "--docs", help="Serve the OpenAPI page at /docs."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
 ) -> None:
     """Serve lesion segmentation over HTTP on Ray Serve (until Ctrl-C)."""
     import time
 
-    from stroke_ray.serving import start_server, stop_server
+    from stroke_ray.auth import load_token
+    from stroke_ray.service import start_server, stop_server
 
+    token = load_token(token_file)
     url = start_server(
-        model, host=host, port=port, address=address, tracking_uri=tracking_uri,
+        model, host=host, port=port, address=address, tracking_uri=tracking_uri, token=token,
         num_replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
         gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-        max_upload_bytes=max_upload_mb * 1024**2,
+        max_upload_bytes=max_upload_mb * 1024**2, body_timeout_s=body_timeout,
+        max_concurrent=max_concurrent, max_queued=max_queued, reload_interval_s=reload_interval, docs=docs,
     )
-    typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz); Ctrl-C to stop")
+    auth = "bearer token required" if token else "no token: loopback only"
+    typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz, GET /readyz; {auth}); Ctrl-C to stop")
     try:
         while True:
             time.sleep(1.0)

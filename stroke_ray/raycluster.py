@@ -13,9 +13,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -
     `address` (or the RAY_ADDRESS environment variable) joins an existing cluster, e.g.
     "auto" on a cluster node or "ray://head:10001" from outside. Without one, a local Ray
     starts with `num_cpus` CPUs (all by default) and its dashboard on 127.0.0.1 (port 8265,
-    or the next free one).
+    or the next free one), and its Serve proxies run the stroke-ray request guard
+    (http_guard; the variable is inherited by every Ray process this one starts).
     """
     import ray
+
+    from stroke_ray.http_guard import proxy_environment
 
     if ray.is_initialized():
         return
@@ -23,6 +26,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs) -
     if address:
         ray.init(address=address, **kwargs)
     else:
+        for key, value in proxy_environment().items():
+            os.environ.setdefault(key, value)
         # address="local" always starts a fresh instance; without it Ray would attach to
         # whatever cluster another process on this machine happens to be running. The
         # dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("RAY_ACCEPT_CLOUD_STORAGE_CONFIG", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Serve proxies of the session's Ray run the request guard, as `stroke-ray serve`'s do.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "stroke_ray.http_guard:proxy_middlewares")
 
 REPO = Path(__file__).resolve().parents[1]
 ISLES_SAMPLE = (REPO.parent / "shared" / "data" / "isles22-sample").resolve()

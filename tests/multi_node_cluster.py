@@ -71,7 +71,7 @@ try:
     out["registered"] = re.search(r"registered: (\S+)", tuned).group(1)
     out["model_ref"] = CHAMPION_URI
 
-    from stroke_ray.serving import start_server, stop_server
+    from stroke_ray.service import start_server, stop_server
 
     url = start_server(out["model_ref"], port=free_port(), address=address, cpus_per_replica=0.5,
                        tracking_uri=config["tracking_uri"])

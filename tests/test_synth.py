@@ -159,7 +159,6 @@ def test_atlas_case_from_the_cli(tmp_path):
     assert problems == [] and [c.subject for c in cases] == [sub] and cases[0].layout == "atlas"
 
 
-    clean = ~lesion
 def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(StrokeRayError, match="layout"):
         generate_dataset(tmp_path / "x", num_cases=1, layout="brats", progress=False)

@@ -193,9 +193,10 @@ def start(tmp: Path, cpus: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # The service's defaults (1 prediction running, 4 queued per replica) but shorter
+    # upload deadlines, so that stalled uploads are refused within the run.
     url = start_server(ckpt, port=port, cpus_per_replica=1, token=TOKEN, max_upload_bytes=LIMIT,
-                       body_timeout_s=120, idle_timeout_s=30, max_concurrent=1, max_queued=2,
-                       request_timeout_s=300)
+                       body_timeout_s=30, idle_timeout_s=10, request_timeout_s=300)
     return url, port
 
 

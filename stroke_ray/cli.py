@@ -254,8 +254,11 @@ def tune(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
     time_budget: Optional[float] = typer.Option(None, min=1, help="Stop after this many seconds (resume later)."),
+    promote: bool = typer.Option(
+        False, "--promote", help="Make the best trial the champion even if it does not beat the current one.",
+    ),
 ) -> None:
-    """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion."""
+    """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion when it beats the current one on the same held-out subjects (or with --promote)."""
     from stroke_ray.config import TrainConfig
     from stroke_ray.search_space import SearchSpace
     from stroke_ray.tune import run_sweep
@@ -266,7 +269,7 @@ def tune(
     result = run_sweep(
         space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
         tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
-        seed=seed, time_budget_s=time_budget,
+        seed=seed, time_budget_s=time_budget, promote_best=promote,
     )
     typer.echo(result.summary())
     if result.best is None:

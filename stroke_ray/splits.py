@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["split_subjects", "split_manifest"]
+__all__ = ["split_subjects", "split_manifest", "validation_subjects"]
 
 
 def _subject_key(subject: str, seed: int) -> int:
@@ -38,6 +38,15 @@ def split_subjects(
     val = sorted(ranked[:n_val])
     train = sorted(ranked[n_val:])
     return train, val
+
+
+def validation_subjects(
+    subjects: list[str], val_fraction: float, seed: int, max_subjects: int | None = None
+) -> list[str]:
+    """The subjects a run validates on (and its val_* metrics describe): the split's
+    validation side, the first `max_subjects` of it when capped."""
+    _, val = split_subjects(subjects, val_fraction, seed)
+    return val if max_subjects is None else val[:max_subjects]
 
 
 def split_manifest(train: list[str], val: list[str], seed: int | None = None) -> dict:

@@ -37,7 +37,7 @@ from stroke_ray.config import TrainConfig, flatten
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.files import atomic_path, atomic_write_text
 from stroke_ray.locations import absolute, is_url
-from stroke_ray.model_ref import CHAMPION_URI, register_run_checkpoint
+from stroke_ray.model_ref import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
 from stroke_ray.search_space import SearchSpace
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
@@ -156,20 +156,39 @@ class SweepResult:
     best_config: TrainConfig | None
     best_checkpoint: Path | None  # <storage>/<name>/best/checkpoint.pt
     parent_run_id: str
-    model_version: str | None
+    model_version: str | None  # the best trial's registry version (champion or not)
     importances: dict[str, float]
     report_path: Path
     seconds: float
+    promotion: Promotion | None = None
 
     def summary(self) -> str:
         lines = [f"sweep {self.name}: {len(self.trials)} trials in {self.seconds:.0f} s -> {self.path}"]
         if self.best is not None:
             lines.append(f"best trial {self.best.trial_id}: {self.metric} = {self.best.metric:.4f}")
             lines.append(f"best checkpoint: {self.best_checkpoint}")
-        if self.model_version:
-            lines.append(f"registered: {CHAMPION_URI} (version {self.model_version})")
+        if self.promotion is not None:
+            lines.append(self.promotion.line())
         lines.append(f"report: {self.report_path}")
         return "\n".join(lines)
+
+
+def _promote(client, run_id: str, checkpoint: Path, config: TrainConfig, score: float, space: SearchSpace,
+             force: bool) -> Promotion:
+    """Register the best trial with what its score was measured on, and promote it if it wins."""
+    from stroke_ray.evaluate import evaluate_checkpoint
+    from stroke_ray.splits import validation_subjects
+    from stroke_ray.store import StrokeStore
+
+    store = config.data.store
+    subjects = validation_subjects(StrokeStore.open(store).subjects(), config.data.val_fraction,
+                                   config.data.split_seed, config.val_max_subjects)
+    held_out = HeldOutScore(space.metric, space.mode, float(score), tuple(subjects), store)
+
+    def evaluate(champion: Path, on: HeldOutScore) -> float:
+        return evaluate_checkpoint(champion, on.store, on.subjects, on.metric)
+
+    return promote(client, run_id, checkpoint, held_out, force=force, evaluate=evaluate)
 
 
 def _export_checkpoint(src: str, dest_dir: Path) -> Path:
@@ -245,9 +264,14 @@ def run_sweep(
     time_budget_s: float | None = None,
     stopper=None,
     register: bool = True,
+    promote_best: bool = False,
     verbose: int = 1,
 ) -> SweepResult:
     """Run (or resume) a sweep and export, register and report its best trial.
+
+    The best trial is registered with its held-out score and validation subjects, and
+    becomes the champion only when it beats the current one on those subjects
+    (`model_ref.promote`), or always with `promote_best`.
 
     `resume=True` continues `<storage_path>/<name>` when Tune left state there (finished
     trials are kept, unfinished and errored ones run again) and starts afresh otherwise.
@@ -310,6 +334,7 @@ def run_sweep(
     best_config = space.trial_config(base_config, best.params) if best else None
     best_checkpoint = None
     model_version = None
+    promotion = None
     if best is not None:
         best_checkpoint = _export_checkpoint(best.checkpoint, sweep_dir / "best")
         atomic_write_text(sweep_dir / "best" / "config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
@@ -319,7 +344,9 @@ def run_sweep(
         if best_run is not None:
             client.set_tag(parent_id, "stroke_ray.best_run_id", best_run.info.run_id)
             if register:
-                model_version = register_run_checkpoint(client, best_run.info.run_id, best_checkpoint)
+                promotion = _promote(client, best_run.info.run_id, best_checkpoint, best_config, best.metric,
+                                     space, force=promote_best)
+                model_version = promotion.version
 
     importances = param_importances(space, trials)
     report_path = sweep_dir / "report.md"
@@ -336,6 +363,6 @@ def run_sweep(
     return SweepResult(
         name=name, path=sweep_dir, metric=space.metric, mode=space.mode, trials=trials, best=best,
         best_config=best_config, best_checkpoint=best_checkpoint, parent_run_id=parent_id,
-        model_version=model_version, importances=importances, report_path=report_path,
+        model_version=model_version, importances=importances, report_path=report_path, promotion=promotion,
         seconds=time.time() - started,
     )

@@ -137,6 +137,7 @@ class Stalled:
     def __init__(self, port: int, n: int, every_s: float = 2.0, max_s: float = 300.0):
         self.port, self.n, self.every_s, self.max_s = port, n, every_s, max_s
         self.socks: list[socket.socket] = []
+        self.answers: list[object] = []  # the status each one got once the server gave up on it
         self.stop = threading.Event()
 
     def __enter__(self):
@@ -158,6 +159,7 @@ class Stalled:
                 try:
                     sock.sendall(b"x")
                 except OSError:
+                    self.answers.append(_status_of(sock))
                     self.socks.remove(sock)
 
     def __exit__(self, *exc):
@@ -165,6 +167,15 @@ class Stalled:
         self.thread.join()
         for sock in self.socks:
             sock.close()
+
+
+def _status_of(sock: socket.socket) -> object:
+    """The HTTP status the server sent on `sock` before closing it, or "open"."""
+    sock.settimeout(1.0)
+    try:
+        return int(sock.recv(64).split(b" ")[1])
+    except (OSError, IndexError, ValueError):
+        return "open"
 
 
 def _timed(fn):
@@ -270,14 +281,7 @@ def load(args) -> dict:
             with Stalled(port, n=4, every_s=2.0, max_s=max(1.0, end - time.monotonic())) as stalled:
                 while time.monotonic() < end:
                     time.sleep(0.5)
-                statuses = []
-                for sock in stalled.socks:
-                    sock.settimeout(1.0)
-                    try:
-                        statuses.append(int(sock.recv(64).split(b" ")[1]))
-                    except (OSError, IndexError, ValueError):
-                        statuses.append("open")
-                bad["stalled"].extend(statuses)
+                bad["stalled"].extend(stalled.answers + [_status_of(sock) for sock in stalled.socks])
 
     with httpx.Client(base_url=url, timeout=timeout, headers=AUTH) as c:
         assert c.post("/predict", params={"format": "json"}, files=case).status_code == 200

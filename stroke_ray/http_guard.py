@@ -42,6 +42,8 @@ from typing import Any, Awaitable, Callable
 
 import ray
 
+from stroke_ray.ray_compat import SERVE_CLIENT_CONTROL_HEADERS, SERVE_PROXY_CALLBACK_ENV
+
 __all__ = [
     "GUARD_PATH",
     "PROXY_CALLBACK",
@@ -54,7 +56,7 @@ __all__ = [
     "remove_rule",
 ]
 
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK_ENV = SERVE_PROXY_CALLBACK_ENV
 PROXY_CALLBACK = "stroke_ray.http_guard:proxy_middlewares"
 GUARD_PATH = "/-/guard"
 # Proxy-wide limits, read once when a proxy starts (they bound that process's memory).
@@ -63,7 +65,7 @@ MAX_PENDING_ENV = "STROKE_RAY_GUARD_MAX_PENDING"
 DEFAULT_BUFFER_BUDGET = 1024**3
 DEFAULT_MAX_PENDING = 64
 # Headers with which a client could change how Serve's proxy treats its request.
-_SERVE_CONTROL_HEADERS = {b"x-request-timeout-seconds", b"x-request-disconnect-disabled"}
+_SERVE_CONTROL_HEADERS = {name.encode() for name in SERVE_CLIENT_CONTROL_HEADERS}
 _REGISTRY_NAME, _REGISTRY_NAMESPACE = "stroke-ray-http-guard", "stroke_ray"
 _RULES_TTL_S = 1.0
 # Bodies are handed on in pieces of about this size (not one join: no second copy).

@@ -9,7 +9,11 @@ Ray's public API cannot do a few things stroke-ray needs:
   the dashboard's state API (`release_orphaned_train_groups`);
 - reading the checkpoint path that `TuneReportCallback` adds to each result
   (`checkpoint_path_key`) and Tune's per-trial state file (`tune_trial_states`);
-- validating cluster.yaml as `ray up` does (`validate_cluster_config`).
+- validating cluster.yaml as `ray up` does (`validate_cluster_config`);
+- running the request guard inside Serve's HTTP proxy, before it buffers a body: the
+  environment variable naming a function that returns the proxy's middlewares
+  (`SERVE_PROXY_CALLBACK_ENV`), and the request headers with which a client can switch off
+  the proxy's request timeout (`SERVE_CLIENT_CONTROL_HEADERS`, dropped by the guard).
 
 Each of these relies on names or file formats that Ray may change in any release, so Ray is
 pinned to `PINNED_RAY_VERSION` in pyproject.toml and tests/test_ray_compat.py fails, naming
@@ -29,6 +33,8 @@ __all__ = [
     "PINNED_RAY_VERSION",
     "RELIED_ON",
     "SEARCH_STATE_KEYS",
+    "SERVE_CLIENT_CONTROL_HEADERS",
+    "SERVE_PROXY_CALLBACK_ENV",
     "TUNER_ATTRIBUTES",
     "checkpoint_path_key",
     "release_orphaned_train_groups",
@@ -51,7 +57,16 @@ RELIED_ON = (
     ("ray.tune.impl.tuner_internal", "TunerInternal.get_run_config"),
     ("ray.autoscaler._private.util", "prepare_config"),
     ("ray.autoscaler._private.util", "validate_config"),
+    ("ray.serve._private.constants", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"),
+    ("ray.serve._private.constants", "SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER"),
+    ("ray.serve._private.constants", "SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER"),
 )
+# Serve's proxy calls the function this variable names (module:function) when its process
+# starts and wraps itself in the Starlette middlewares it returns (http_guard).
+SERVE_PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+# Request headers Ray 2.60's proxy obeys from any client: a timeout override (0 switches the
+# request timeout off) and "do not watch for the client's disconnect".
+SERVE_CLIENT_CONTROL_HEADERS = ("x-request-timeout-seconds", "x-request-disconnect-disabled")
 # Instance attributes of a local (non-client) Tuner that `set_stop_conditions` writes.
 TUNER_ATTRIBUTES = ("_local_tuner", "_local_tuner._tune_config.time_budget_s")
 # Keys of Tune's search-generator state that `reopen_search` edits.

@@ -86,6 +86,18 @@ def test_reopen_search_edits_the_state_file_tune_writes(tmp_path):
     assert not restored.is_finished() and restored._total_samples == 5
 
 
+def test_serve_proxy_names_are_the_ones_ray_reads():
+    from ray.serve._private import constants
+
+    # The proxy reads this variable to install the request guard, and obeys these headers.
+    assert constants.RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH is None or isinstance(
+        constants.RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, str)
+    source = Path(constants.__file__).read_text()
+    assert f'"{ray_compat.SERVE_PROXY_CALLBACK_ENV}"' in source
+    assert set(ray_compat.SERVE_CLIENT_CONTROL_HEADERS) == {
+        constants.SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER, constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER}
+
+
 def test_only_ray_compat_uses_ray_private_apis():
     """`grep -rn "_local_tuner\\|_raylet" stroke_ray/` hits ray_compat.py alone."""
     out = subprocess.run(

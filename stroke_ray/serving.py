@@ -292,24 +292,25 @@ class StrokeSegmenter:
         return JSONResponse({"previous": before, "version": self.segmenter.version, "changed": changed},
                             headers=self._headers())
 
-    @app.get("/openapi.json", include_in_schema=False)
-    def openapi(self, request: Request) -> Response:
+    def _docs_refused(self, request: Request, path: str) -> Response | None:
+        """404 while the docs are off, 401 without the token; None when they may be shown."""
         if not self.settings.docs:
-            return self._not_found("openapi.json")
+            return self._not_found(path)
         try:
             self._check_token(request)
         except UploadError as exc:
             return self._error(exc)
-        return JSONResponse(app.openapi(), headers=self._headers())
+        return None
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> Response:
+        return self._docs_refused(request, "openapi.json") or JSONResponse(app.openapi(), headers=self._headers())
 
     @app.get("/docs", include_in_schema=False)
     def docs(self, request: Request) -> Response:
-        if not self.settings.docs:
-            return self._not_found("docs")
-        try:
-            self._check_token(request)
-        except UploadError as exc:
-            return self._error(exc)
+        refused = self._docs_refused(request, "docs")
+        if refused is not None:
+            return refused
         page = get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
                                    title="stroke-ray")
         return HTMLResponse(page.body, headers=self._headers())

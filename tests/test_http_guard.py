@@ -249,3 +249,11 @@ def test_serve_refuses_a_public_bind_without_a_token(tmp_path):
     for host in ("0.0.0.0", "10.1.2.3"):
         with pytest.raises(StrokeRayError, match="token"):
             start_server(tmp_path / "checkpoint.pt", host=host, port=free_port())
+
+
+def test_the_openapi_schema_lists_the_routes_though_fastapi_serves_no_docs():
+    from stroke_ray.serving import app
+
+    assert app.docs_url is None and app.openapi_url is None and app.redoc_url is None
+    paths = app.openapi()["paths"]
+    assert {"/predict", "/healthz", "/readyz", "/admin/reload"} <= set(paths)

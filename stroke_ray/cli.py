@@ -341,6 +341,10 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs a token."),
     port: int = typer.Option(8000, help="HTTP port."),
+    route_prefix: str = typer.Option(
+        "/", help="Path the service answers under; on a cluster shared with other Serve applications "
+        "use your own (e.g. /stroke-ray): the token and limits apply to every path under it.",
+    ),
     token_file: Optional[Path] = typer.Option(
         None, help="File holding the bearer token (default: $STROKE_RAY_SERVE_TOKEN_FILE, else $STROKE_RAY_SERVE_TOKEN).",
     ),
@@ -368,7 +372,8 @@ def serve(
 
     token = load_token(token_file)
     url = start_server(
-        model, host=host, port=port, address=address, tracking_uri=tracking_uri, token=token,
+        model, host=host, port=port, route_prefix=route_prefix, address=address, tracking_uri=tracking_uri,
+        token=token,
         num_replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
         gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
         max_upload_bytes=max_upload_mb * 1024**2, body_timeout_s=body_timeout,

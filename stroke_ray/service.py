@@ -137,8 +137,12 @@ def start_server(
     settings = ReplicaSettings(max_upload_bytes=int(max_upload_bytes), body_timeout_s=body_timeout_s,
                                token_sha256=digest, max_concurrent=max_concurrent, max_queued=max_queued,
                                reload_interval_s=reload_interval_s, docs=docs, device=device, threshold=threshold)
-    application = build_app(model_ref, settings=settings, **app_options)
-    serve.run(application, name=name, route_prefix=prefix, blocking=False)
+    try:
+        serve.run(build_app(model_ref, settings=settings, **app_options), name=name, route_prefix=prefix,
+                  blocking=False)
+    except BaseException:
+        remove_rule(name)  # no rule left behind for an application that is not there
+        raise
     return f"http://{_probe_host(host)}:{int(port)}{prefix.rstrip('/')}"
 
 

@@ -52,6 +52,9 @@ CHAMPION_ALIAS = "champion"
 CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"
 # A run's model lives under this artifact folder: runs:/<run_id>/model.
 MODEL_ARTIFACT = "model"
+# Where an MLflow (pyfunc) model folder keeps the checkpoint; models logged before the pyfunc
+# flavour hold it as model/checkpoint.pt, and both are read.
+PYFUNC_CHECKPOINT = f"artifacts/{CHECKPOINT_FILE}"
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
@@ -110,6 +113,30 @@ def _download(client, source: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=client.tracking_uri))
 
 
+def _checkpoint_in(path: Path) -> Path:
+    """The checkpoint of a file, a folder holding checkpoint.pt, or an MLflow model folder."""
+    from stroke_ray.checkpoint import checkpoint_file
+
+    pyfunc = path / PYFUNC_CHECKPOINT
+    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file() and pyfunc.is_file():
+        return pyfunc
+    return checkpoint_file(path)
+
+
+def _run_source(client, ref: ModelRef) -> str:
+    """`runs:/id/model/checkpoint.pt` of a pyfunc model is `runs:/id/model/artifacts/checkpoint.pt`.
+
+    References written for models logged before the pyfunc flavour keep working.
+    """
+    path = ref.artifact_path.rstrip("/")
+    if path == CHECKPOINT_FILE or path.endswith(f"/{CHECKPOINT_FILE}"):
+        folder = path[: -len(CHECKPOINT_FILE)].rstrip("/")
+        listed = {f.path for f in client.list_artifacts(ref.run_id, folder or None)}
+        if path not in listed and f"{folder}/artifacts".lstrip("/") in listed:
+            return f"runs:/{ref.run_id}/{folder}/{PYFUNC_CHECKPOINT}".replace("//", "/")
+    return ref.text
+
+
 def resolve_checkpoint(model_ref: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """A local `checkpoint.pt` for a file/dir path, `runs:/id/path`, `models:/name@alias` or `models:/name/N`.
 
@@ -126,7 +153,7 @@ def resolve_checkpoint(model_ref: str | Path, tracking_uri: str | None = None, d
 
     local = Path(str(model_ref)).expanduser()
     if local.exists():
-        return checkpoint_file(local)
+        return _checkpoint_in(local)
     ref = parse(model_ref)
     if ref.kind == "path":
         return checkpoint_file(ref.text)
@@ -139,12 +166,12 @@ def resolve_checkpoint(model_ref: str | Path, tracking_uri: str | None = None, d
         elif ref.kind == "version":
             source = client.get_model_version(ref.name, ref.version).source
         else:
-            source = ref.text
+            source = _run_source(client, ref)
         downloaded = _download(client, source, dst)
     except MlflowException as exc:
         raise StrokeRayError(f"{ref.text}: cannot resolve in {client.tracking_uri} ({exc.message})") from exc
     try:
-        return checkpoint_file(downloaded)
+        return _checkpoint_in(downloaded)
     except StrokeRayError as exc:
         raise StrokeRayError(f"{ref.text}: the referenced artifact holds no checkpoint.pt") from exc
 
@@ -181,19 +208,31 @@ def log_model(
     registered_name: str | None = None,
     artifact_path: str = MODEL_ARTIFACT,
 ) -> str:
-    """Log a checkpoint as `<artifact_path>/checkpoint.pt` of the run; returns the model URI.
+    """Log a checkpoint to the run as an MLflow pyfunc model under `artifact_path`; returns its URI.
 
-    The URI is `runs:/<run_id>/model`, or `models:/<name>/<version>` when `registered_name`
-    is given (a new version of that registered model is created from the run artifact).
+    The folder holds MLmodel (signature, pip requirements) and the checkpoint as
+    `artifacts/checkpoint.pt` (`mlflow_model.save_pyfunc`), so `mlflow.pyfunc.load_model` and
+    `mlflow models serve` work on it, and the run lists it in the UI's model column. The URI
+    is `runs:/<run_id>/model`, or `models:/<name>/<version>` when `registered_name` is given
+    (a new version of that registered model is created from the run artifact).
     """
+    import json
+
+    from mlflow.models import Model
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_MODELS
+
     from stroke_ray.checkpoint import checkpoint_file
+    from stroke_ray.mlflow_model import save_pyfunc
 
     file = checkpoint_file(checkpoint_path)
     with tempfile.TemporaryDirectory() as tmp:
-        # The artifact is always named checkpoint.pt, whatever the local file is called.
-        staged = Path(tmp) / CHECKPOINT_FILE
-        staged.write_bytes(file.read_bytes())
-        client.log_artifact(run_id, str(staged), artifact_path)
+        folder = save_pyfunc(file, Path(tmp) / artifact_path)
+        client.log_artifacts(run_id, str(folder), artifact_path)
+        # The tag MLflow's own log_model writes: the UI's runs table shows the model from it.
+        entry = Model.load(str(folder)).to_dict()
+        entry.update(run_id=run_id, artifact_path=artifact_path)
+        history = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_MODELS, "[]"))
+        client.set_tag(run_id, MLFLOW_LOGGED_MODELS, json.dumps(history + [entry]))
     uri = run_model_uri(run_id, artifact_path)
     if registered_name is None:
         return uri

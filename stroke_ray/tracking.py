@@ -24,6 +24,8 @@ from stroke_ray.config import flatten
 from stroke_ray.errors import StrokeRayError
 
 __all__ = [
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "KIND_TAG",
     "PARENT_TAG",
     "RUN_NAME_TAG",
@@ -47,6 +49,10 @@ __all__ = [
 ]
 
 RUN_NAME_TAG = "stroke_ray.run_name"
+# MLflow 3's UI opens an experiment on its training runs, not its GenAI (traces) view, when
+# the experiment carries this kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # MLflow's own tag for a nested run's parent (the UI nests runs by it).
 PARENT_TAG = "mlflow.parentRunId"
 # Tags that make a sweep's MLflow runs findable again when the sweep resumes.
@@ -83,17 +89,24 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def get_or_create_experiment(client, experiment: str) -> str:
-    """Experiment id by name, creating it if needed (safe when trials race to create it)."""
+    """Experiment id by name, creating it if needed (safe when trials race to create it).
+
+    The experiment is tagged as a model-training experiment (`EXPERIMENT_KIND`), so the
+    MLflow UI opens on its runs.
+    """
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag, or by another tool
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     try:
         return client.create_experiment(
-            experiment, artifact_location=_artifact_location(client.tracking_uri, experiment)
+            experiment, artifact_location=_artifact_location(client.tracking_uri, experiment),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except MlflowException:
         found = client.get_experiment_by_name(experiment)

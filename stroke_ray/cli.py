@@ -8,6 +8,7 @@
     stroke-ray tune     a sweep with Ray Tune + Optuna, tracked in MLflow
     stroke-ray predict  lesion masks for new cases, in their own space
     stroke-ray serve    HTTP prediction service on Ray Serve
+    stroke-ray export   a model as ONNX or TorchScript
     stroke-ray demo     the whole pipeline on a small synthetic dataset
 
 Every command reports a bad input as one line naming the file and the problem and exits
@@ -388,6 +389,22 @@ def serve(
         typer.echo("stopping the service")
     finally:
         stop_server()
+
+
+@app.command()
+@_user_errors
+def export(
+    model: str = typer.Argument(..., help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write (a <file>.json describing its input goes beside it)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+) -> None:
+    """Export a model to ONNX or TorchScript: a normalised patch in, foreground probability out."""
+    from stroke_ray.export import export_model
+
+    result = export_model(model, output, fmt, tracking_uri=tracking_uri)
+    typer.echo(f"wrote {result.format} {result.path} ({result.model_version}); input {result.input_name} "
+               f"{result.input_layout} with channels {', '.join(result.modalities)}; see {result.path}.json")
 
 
 if __name__ == "__main__":  # python -m stroke_ray.cli

@@ -21,6 +21,7 @@ from stroke_ray.grid import NATIVE, level_grid, resample
 from stroke_ray.intensity import normalise
 
 __all__ = [
+    "foreground_probability",
     "normalise_case",
     "predict_case",
     "sliding_window_predict",
@@ -70,6 +71,15 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) foreground probability of (B, K, ...) logits: sigmoid for one channel, else
+    1 - softmax of class 0 (one or more lesion classes)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return 1.0 - torch.softmax(logits, dim=1)[:, :1]
+
+
 class _Probabilities(torch.nn.Module):
     """Wraps a logits network so each window yields foreground probability (B, 1, ...)."""
 
@@ -78,11 +88,7 @@ class _Probabilities(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x).float()
-        if logits.shape[1] == 1:
-            return torch.sigmoid(logits)
-        # Foreground = anything but class 0 (one or more lesion classes).
-        return 1.0 - torch.softmax(logits, dim=1)[:, :1]
+        return foreground_probability(self.model(x))
 
 
 def sliding_window_predict(

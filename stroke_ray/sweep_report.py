@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class TrialSummary:
     epochs: int
     checkpoint: str | None  # Train checkpoint directory matching `metric` (or the last one)
     error: str | None = None
+    curve: list[float] = field(default_factory=list)  # the metric at each reported epoch
 
 
 def error_line(error: BaseException) -> str:
@@ -55,9 +56,11 @@ def summarise(result, space: SearchSpace) -> TrialSummary:
     metric = None
     checkpoint = None
     epochs = 0
+    curve: list[float] = []
     if df is not None and len(df) and space.metric in df:
         epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
         scored = df.dropna(subset=[space.metric])
+        curve = [float(v) for v in scored[space.metric]]
         if len(scored):
             row = scored.loc[scored[space.metric].idxmax() if space.mode == "max" else scored[space.metric].idxmin()]
             metric = float(row[space.metric])
@@ -74,6 +77,7 @@ def summarise(result, space: SearchSpace) -> TrialSummary:
         epochs=epochs,
         checkpoint=checkpoint,
         error=error_line(result.error) if result.error else None,
+        curve=curve,
     )
 
 

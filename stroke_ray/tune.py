@@ -40,6 +40,7 @@ from stroke_ray.locations import absolute, is_url
 from stroke_ray.model_ref import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
 from stroke_ray.search_space import SearchSpace
+from stroke_ray.sweep_figures import log_sweep_figures
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
 from stroke_ray.train import build_trainer, check_store
 
@@ -354,6 +355,7 @@ def run_sweep(
     client.log_artifact(parent_id, str(report_path))
     for k, v in importances.items():
         client.log_metric(parent_id, f"importance.{k}", v)
+    log_sweep_figures(client, parent_id, space, trials, importances)
     # Unfinished trials (a time budget or stopper hit) leave the parent open for a resume.
     ran = [t for t in trials if t.status != "NOT RUN"]
     if len(ran) >= total and not any(t.status == "ERROR" for t in trials):

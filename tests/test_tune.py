@@ -122,6 +122,8 @@ def test_one_parent_run_with_one_nested_run_per_trial(sweep):
     assert parents[0].data.params["space"] == "smoke"
     assert parents[0].info.status == "FINISHED"
     assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    figures = {a.path for a in client.list_artifacts(parents[0].info.run_id, "figures")}
+    assert figures == {"figures/parallel_coordinates.png", "figures/param_importances.png", "figures/learning_curves.png"}
 
 
 def test_best_model_exported_and_registered_as_champion(sweep):

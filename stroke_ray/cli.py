@@ -258,6 +258,7 @@ def tune(
     promote: bool = typer.Option(
         False, "--promote", help="Make the best trial the champion even if it does not beat the current one.",
     ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's trial tables and worker logs (else in <storage>/<name>/sweep.log)."),
 ) -> None:
     """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion when it beats the current one on the same held-out subjects (or with --promote)."""
     from stroke_ray.config import TrainConfig
@@ -270,7 +271,7 @@ def tune(
     result = run_sweep(
         space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
         tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
-        seed=seed, time_budget_s=time_budget, promote_best=promote,
+        seed=seed, time_budget_s=time_budget, promote_best=promote, verbose=2 if verbose else 1,
     )
     typer.echo(result.summary())
     if result.best is None:
@@ -285,11 +286,12 @@ def demo(
     num_samples: Optional[int] = typer.Option(None, min=1, help="Sweep trials (default: the smoke space's)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's trial tables and worker logs (else in the sweep's sweep.log)."),
 ) -> None:
     """Run the whole pipeline on synthetic data: convert, sweep, register, predict."""
     from stroke_ray.demo import run_demo
 
-    run_demo(workdir, num_cases=num_cases, num_samples=num_samples, address=address, num_cpus=num_cpus)
+    run_demo(workdir, num_cases=num_cases, num_samples=num_samples, address=address, num_cpus=num_cpus, verbose=verbose)
 
 
 @app.command()

@@ -76,8 +76,14 @@ def run_demo(
     num_cpus: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    verbose: bool = False,
 ) -> DemoResult:
-    """Run (or finish) the demo in `workdir`; returns where everything is."""
+    """Run (or finish) the demo in `workdir`; returns where everything is.
+
+    `progress` shows one progress line per stage; `verbose` shows Ray's own trial tables and
+    worker logs instead of the sweep's progress line (they are in the sweep's `sweep.log`
+    otherwise).
+    """
     from stroke_ray.datasets import discover
     from stroke_ray.ingest import convert_dataset
     from stroke_ray.predict import predict_dataset
@@ -126,7 +132,8 @@ def run_demo(
     say(f"sweep: {SMOKE_SPACE.name} on Ray Tune, tracked in {tracking_uri}")
     sweep = run_sweep(
         SMOKE_SPACE, base, name="demo-smoke", storage_path=str(work / "runs"), tracking_uri=tracking_uri,
-        address=address, resume=True, num_samples=num_samples, seed=seed, verbose=1 if progress else 0,
+        address=address, resume=True, num_samples=num_samples, seed=seed,
+        verbose=2 if verbose else (1 if progress else 0),
     )
     say(sweep.summary())
     seconds["sweep"] = time.perf_counter() - t
@@ -140,7 +147,7 @@ def run_demo(
     _, val = split_subjects(sorted(c.subject for c in cases), cfg.data.val_fraction, cfg.data.split_seed)
     out = work / "predictions"
     rep = predict_dataset(dataset, model_ref=str(sweep.best_checkpoint), output_dir=out,
-                          tracking_uri=tracking_uri, subjects=val, progress=False,
+                          tracking_uri=tracking_uri, subjects=val, progress=progress,
                           overwrite=True)  # the demo's own folder: a re-run refreshes it
     rows: list[dict] = list(rep.rows)
     for problem in rep.failed:

@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 from stroke_ray import ray_compat, tracking
 from stroke_ray.checkpoint import CHECKPOINT_FILE
 from stroke_ray.config import TrainConfig, flatten
+from stroke_ray.console import SweepProgress, ray_output_to
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.files import atomic_path, atomic_write_text
 from stroke_ray.locations import absolute, is_url
@@ -44,8 +45,10 @@ from stroke_ray.sweep_figures import log_sweep_figures
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
 from stroke_ray.train import build_trainer, check_store
 
-__all__ = ["DRIVER_CPU", "SweepResult", "run_sweep", "trial_concurrency"]
+__all__ = ["DRIVER_CPU", "SWEEP_LOG", "SweepResult", "run_sweep", "trial_concurrency"]
 
+# Ray's trial tables and worker logs of a sweep, unless --verbose shows them on the console.
+SWEEP_LOG = "sweep.log"
 # The trial driver only builds a TorchTrainer and waits: a sliver of a CPU, so it never
 # competes with its own Train worker for a core.
 DRIVER_CPU = 0.01
@@ -171,6 +174,7 @@ class SweepResult:
         if self.promotion is not None:
             lines.append(self.promotion.line())
         lines.append(f"report: {self.report_path}")
+        lines.append(f"Ray's log: {self.path / SWEEP_LOG}")
         return "\n".join(lines)
 
 
@@ -220,6 +224,7 @@ def _best_trial(space: SearchSpace, trials: list[TrialSummary]) -> TrialSummary 
 def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, storage: Path, *,
                num_samples: int, seed: int, max_concurrent: int | None, time_budget_s: float | None,
                stopper, verbose: int, callbacks: list):
+    # `verbose` is Tune's own level: its tables go to the console or to the sweep log.
     """A fresh Tuner: Optuna's TPE behind a concurrency limit, ASHA on the space's metric."""
     searcher = OptunaSearch(
         space=space, metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
@@ -278,6 +283,10 @@ def run_sweep(
     trials are kept, unfinished and errored ones run again) and starts afresh otherwise.
     `time_budget_s` / `stopper` end a sweep early; it can then be resumed.
 
+    `verbose`: 0 prints nothing, 1 one progress line (`console.SweepProgress`), 2 Ray's own
+    trial tables and worker logs on the console. At 0 and 1 those go to
+    `<storage_path>/<name>/sweep.log` (`SWEEP_LOG`).
+
     Raises:
         ConfigError: the search space, the base config or a storage URL is not usable.
         StrokeRayError: the store cannot be trained on, or a sweep of that name exists.
@@ -319,6 +328,8 @@ def run_sweep(
     driver = _TrialDriver(space, base_config.model_dump(), str(sweep_dir), tracking_uri, base_config.experiment, parent_id)
     trainable = tune.with_resources(driver, {"CPU": DRIVER_CPU})
     callbacks = [_TrialCleanup(tracking_uri, base_config.experiment, parent_id)]
+    if verbose == 1:
+        callbacks.append(SweepProgress(name, total, space.metric, space.mode))
     ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})  # left by an interrupted session
     if restoring:
         ray_compat.reopen_search(sweep_dir, total)
@@ -327,8 +338,9 @@ def run_sweep(
     else:
         tuner = _new_tuner(trainable, space, probe, name, storage, num_samples=total, seed=seed,
                            max_concurrent=max_concurrent, time_budget_s=time_budget_s, stopper=stopper,
-                           verbose=verbose, callbacks=callbacks)
-    grid = tuner.fit()
+                           verbose=1, callbacks=callbacks)
+    with ray_output_to(None if verbose >= 2 else sweep_dir / SWEEP_LOG):
+        grid = tuner.fit()
 
     trials = [summarise(r, space) for r in grid]
     best = _best_trial(space, trials)
@@ -360,7 +372,7 @@ def run_sweep(
     ran = [t for t in trials if t.status != "NOT RUN"]
     if len(ran) >= total and not any(t.status == "ERROR" for t in trials):
         client.set_terminated(parent_id, status="FINISHED")
-    if verbose:
+    if verbose >= 2:
         print(text)
     return SweepResult(
         name=name, path=sweep_dir, metric=space.metric, mode=space.mode, trials=trials, best=best,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 
 import nibabel as nib
 import numpy as np
@@ -17,9 +19,24 @@ def demo(ray_local, tmp_path_factory):
     from stroke_ray.demo import run_demo
 
     work = tmp_path_factory.mktemp("demo")
-    first = run_demo(work, num_cases=3, num_samples=1, progress=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        first = run_demo(work, num_cases=3, num_samples=1, progress=True)
+    first.printed = printed.getvalue()
     second = run_demo(work, num_cases=3, num_samples=1, progress=False)
     return first, second
+
+
+def test_demo_prints_a_short_readable_log(demo):
+    """One line per stage and one progress line per stage; Ray's own output in sweep.log."""
+    result, _ = demo
+    lines = [line for line in result.printed.splitlines() if line.strip()]
+    assert len(lines) < 40, result.printed
+    assert any(line.startswith("[demo] done") for line in lines)
+    for ray_chatter in ("Trial status", "TrainingReport", "Reporting training result", "+-----"):
+        assert ray_chatter not in result.printed
+    log = (result.sweep_dir / "sweep.log").read_text()
+    assert "epoch 1: val_dice" in log and "Trial status" in log
 
 
 def test_demo_predicts_the_held_out_cases_in_their_own_space(demo):

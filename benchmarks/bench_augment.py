@@ -1,7 +1,7 @@
 """Augmentation cost: training-step time with augmentation vs none, and per-library cost per batch.
 
 Part 1, the target: a full training step (augmentation + forward + backward + AdamW step of
-the unet3d in configs/train_example.yaml, widths 16-32-64-128, 3 channels, 64^3, batch 2,
+the unet3d in the shipped train_example config, widths 16-32-64-128, 3 channels, 64^3, batch 2,
 DiceBCE) with each augmentation setting (`none`, `light`, `strong`, `strong` + elastic),
 interleaved round by round in a rotating order, so that the machine's load hits all alike.
 Target: `strong` within 1.15x of `none` (ratio of median step times).

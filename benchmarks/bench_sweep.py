@@ -1,7 +1,7 @@
 """Where a sweep's wall time goes: training steps vs per-trial start-up and bookkeeping.
 
     .venv/bin/python benchmarks/bench_sweep.py                       # smoke space, synthetic store
-    .venv/bin/python benchmarks/bench_sweep.py --space search_spaces/default.yaml \
+    .venv/bin/python benchmarks/bench_sweep.py --space default \
         --store data/isles.zarr --num-samples 2 --epochs 2 --steps 10   # a short default-space run
 
 For every trial it reads the metrics the train loop reports each epoch (`step_time_s`,
@@ -74,7 +74,7 @@ def _bare_training_s(cfg, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default=str(REPO / "search_spaces" / "smoke.yaml"))
+    ap.add_argument("--space", default="smoke", help="a search-space file or a shipped space's name")
     ap.add_argument("--store", default=None, help="store to train on (default: make a 4-case synthetic one)")
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None, help="override max_epochs")
@@ -85,6 +85,7 @@ def main() -> None:
     import ray
 
     from stroke_ray.config import TrainConfig
+    from stroke_ray.resources import search_space_file
     from stroke_ray.search_space import SearchSpace
     from stroke_ray.tune import run_sweep
 
@@ -102,7 +103,7 @@ def main() -> None:
         store = str(work / "synth.zarr")
         convert_dataset(str(work / "data"), store, levels=[64], progress=False)
 
-    space_file = _derived_space(Path(args.space), args.epochs, args.steps, work / "space.yaml")
+    space_file = _derived_space(search_space_file(args.space), args.epochs, args.steps, work / "space.yaml")
     space = SearchSpace.load(space_file)
     base = TrainConfig.from_dict({"data": {"store": store}, "experiment": "bench-sweep"})
     t0 = time.perf_counter()

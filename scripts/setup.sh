@@ -7,7 +7,9 @@
 #   - TORCH_SPEC overrides the choice (e.g. TORCH_SPEC="torch==2.13.0" or a CUDA index via
 #     PIP_INDEX_URL/PIP_EXTRA_INDEX_URL);
 #   - with an NVIDIA GPU (nvidia-smi present) the default PyPI build, which is CUDA-enabled;
-#   - otherwise torch==2.13.0, the CPU build where a local wheel is available.
+#   - otherwise torch==2.13.0 from PyTorch's CPU wheel index
+#     (https://download.pytorch.org/whl/cpu: ~200 MB instead of PyPI's multi-GB CUDA build)
+#     when that host resolves; offline, whatever the configured index or local wheels offer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +20,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "$TORCH_SPEC"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     "${PIP[@]}" torch
+  elif getent hosts download.pytorch.org >/dev/null 2>&1; then
+    "${PIP[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
   else
     "${PIP[@]}" "torch==2.13.0"
   fi

@@ -209,7 +209,7 @@ def plan(
 @app.command()
 @_user_errors
 def train(
-    config: Path = typer.Option(..., "-c", "--config", help="Training config YAML (see configs/train_example.yaml)."),
+    config: Path = typer.Option(..., "-c", "--config", help="Training config YAML, or a shipped one by name (train_example)."),
     name: Optional[str] = typer.Option(None, help="Run name; re-using a name resumes that run."),
     store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Total epochs (overrides epochs)."),
@@ -244,7 +244,7 @@ def train(
 @app.command()
 @_user_errors
 def tune(
-    space: Path = typer.Option(..., "-s", "--space", help="Search-space YAML (see search_spaces/)."),
+    space: Path = typer.Option(..., "-s", "--space", help="Search-space YAML, or a shipped space by name: default, seed_replication, smoke."),
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config YAML (default: built-in defaults)."),
     store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
     name: Optional[str] = typer.Option(None, help="Sweep name (default: the space's name)."),

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from stroke_ray.errors import ConfigError
+from stroke_ray.resources import config_file
 
 __all__ = [
     "AUGMENT_PRESETS",
@@ -350,8 +351,12 @@ class TrainConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        """Load and validate a YAML config file; errors name the file and the field."""
-        path = Path(path)
+        """Load and validate a YAML config file (or a shipped one by name, `train_example`).
+
+        Raises:
+            ConfigError: a missing file or an invalid config, naming the file and the field.
+        """
+        path = config_file(path)
         return cls.from_dict(read_yaml(path, "config file") or {}, source=str(path))
 
     @classmethod

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.model_ref import CHAMPION_URI
+from stroke_ray.resources import search_space_file
 
 __all__ = ["DEMO_LEVEL", "DemoResult", "SMOKE_SPACE", "run_demo"]
 
-SMOKE_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+SMOKE_SPACE = search_space_file("smoke")  # shipped with the package: works from a wheel
 DEMO_LEVEL = 64
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from stroke_ray.config import TrainConfig, read_yaml
 from stroke_ray.errors import ConfigError
+from stroke_ray.resources import search_space_file
 
 __all__ = ["DISTRIBUTIONS", "SPACE_KEYS", "Parameter", "SearchSpace"]
 
@@ -125,9 +126,13 @@ class SearchSpace:
     # -- loading and validation -----------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path) -> "SearchSpace":
-        """Read and validate a YAML search space; errors name the file and the parameter."""
-        path = Path(path)
+    def load(cls, name_or_path: str | Path) -> "SearchSpace":
+        """Read and validate a YAML search space (a file, or a shipped name such as `default`).
+
+        Raises:
+            ConfigError: a missing file or an invalid space, naming the file and the parameter.
+        """
+        path = search_space_file(name_or_path)
         return cls.from_dict(read_yaml(path, "search-space file"), source=str(path))
 
     @classmethod

@@ -40,6 +40,7 @@ from stroke_ray.files import atomic_path, atomic_write_text
 from stroke_ray.locations import absolute, is_url
 from stroke_ray.model_ref import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
+from stroke_ray.resources import search_space_file
 from stroke_ray.search_space import SearchSpace
 from stroke_ray.sweep_figures import log_sweep_figures
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
@@ -292,6 +293,7 @@ def run_sweep(
         StrokeRayError: the store cannot be trained on, or a sweep of that name exists.
     """
     started = time.time()
+    space_file = search_space_file(space_file)
     space = SearchSpace.load(space_file)
     if is_url(storage_path):
         # Tune state under a URL needs pyarrow filesystems end to end; refuse rather than

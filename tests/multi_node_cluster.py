@@ -64,7 +64,7 @@ try:
     trained = cli("train", "-c", work / "train.yaml", "--address", address)
     lap("train")
     out["train_run"] = re.search(r"mlflow run: (\w+)", trained).group(1)
-    tuned = cli("tune", "-s", REPO / "search_spaces" / "smoke.yaml", "-c", work / "train.yaml",
+    tuned = cli("tune", "-s", "smoke", "-c", work / "train.yaml",
                 "--name", "cluster-sweep", "--storage", work / "runs", "--num-samples", 1,
                 "--tracking-uri", config["tracking_uri"], "--address", address)
     lap("tune")

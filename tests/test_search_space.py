@@ -10,10 +10,11 @@ import yaml
 
 from stroke_ray.config import AUGMENT_PRESETS, TrainConfig
 from stroke_ray.errors import ConfigError
+from stroke_ray.resources import search_space_file
 from stroke_ray.search_space import SearchSpace
 from stroke_ray.sweep_report import TrialSummary, param_importances
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(search_space_file("default")).parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from stroke_ray import tracking
+from stroke_ray.resources import search_space_file
 from stroke_ray.search_space import SearchSpace
 from stroke_ray.sweep_figures import learning_curves, log_sweep_figures, parallel_coordinates
 from stroke_ray.sweep_report import TrialSummary
 
-SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+SMOKE = search_space_file("smoke")
 
 
 def _trials(space: SearchSpace) -> list[TrialSummary]:

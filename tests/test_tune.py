@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from ray import tune
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.resources import search_space_file
 from stroke_ray.tracking import TAG_TRIAL
 from stroke_ray.tune import run_sweep, trial_concurrency
 
 # Ray Train / Tune / Serve: the whole module is in the slow suite.
 pytestmark = pytest.mark.slow
 
-SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+SMOKE = search_space_file("smoke")
 
 
 class StopAfterFirstTrial(tune.Stopper):

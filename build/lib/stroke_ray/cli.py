@@ -1,0 +1,405 @@
+"""The `stroke-ray` command line: one sub-command per pipeline stage.
+
+    stroke-ray synth    make synthetic ISLES'22- or ATLAS-like cases
+    stroke-ray convert  NIfTI dataset -> Zarr store
+    stroke-ray export-nnunet  Zarr store -> nnU-Net v2 raw dataset
+    stroke-ray plan     patch size, batch size and network for a store
+    stroke-ray train    one training run on Ray Train
+    stroke-ray tune     a sweep with Ray Tune + Optuna, tracked in MLflow
+    stroke-ray predict  lesion masks for new cases, in their own space
+    stroke-ray serve    HTTP prediction service on Ray Serve
+    stroke-ray export   a model as ONNX or TorchScript
+    stroke-ray demo     the whole pipeline on a small synthetic dataset
+
+Every command reports a bad input as one line naming the file and the problem and exits
+non-zero; module functions raise `StrokeRayError`, this file turns it into that line.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from stroke_ray.errors import StrokeRayError
+from stroke_ray.model_ref import CHAMPION_URI, run_model_uri
+from stroke_ray.nifti import GIB, ImageLimits
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distributed training, tuning and serving of 3D stroke-lesion segmentation.",
+)
+
+
+# What an image header may declare, shared by every command that reads images
+# (`nifti.ImageLimits` validates them; `_limits` builds it).
+_DEFAULT_LIMITS = ImageLimits()
+MAX_DIM_OPTION = typer.Option(_DEFAULT_LIMITS.max_dim, "--max-dim", help="Largest image size per axis, in voxels.")
+MAX_IMAGE_GIB_OPTION = typer.Option(
+    _DEFAULT_LIMITS.max_decoded_bytes / GIB, "--max-image-gib", help="Largest decoded image file, in GiB."
+)
+VOXEL_RANGE_OPTION = typer.Option(
+    f"{_DEFAULT_LIMITS.min_voxel_mm:g},{_DEFAULT_LIMITS.max_voxel_mm:g}", "--voxel-range-mm",
+    help="Allowed voxel sizes MIN,MAX in mm.",
+)
+
+RESAMPLE_MASKS_OPTION = typer.Option(
+    False, "--resample-masks", help="Resample a mask on another grid than its reference modality (else an error).",
+)
+
+
+def _limits(max_dim: int, max_image_gib: float, voxel_range_mm: str) -> ImageLimits:
+    return ImageLimits.from_cli(max_dim, max_image_gib, voxel_range_mm)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn StrokeRayError (and a Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StrokeRayError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; completed work is kept, re-run to resume", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def synth(
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset folder to create."),
+    n: int = typer.Option(8, "-n", "--num-cases", min=1, help="Number of cases."),
+    layout: str = typer.Option("isles22", help="isles22 or atlas."),
+    seed: int = typer.Option(0, min=0, help="Random seed; the same seed gives the same cases."),
+    profile: str = typer.Option(
+        "train", help="train, or shifted: held-out cases from settings training never sees "
+        "(other scanners, orientations, contrasts, embolic clusters)."),
+    artefacts: bool = typer.Option(
+        True, "--artefacts/--no-artefacts",
+        help="Real-scan DWI artefacts (bright rims, normal ADC) as the profile sets them, or none."),
+) -> None:
+    """Generate synthetic stroke cases on real MNI152 anatomy."""
+    from stroke_ray.synth import generate_dataset, settings_for, without_artefacts
+
+    settings = settings_for(profile) if artefacts else without_artefacts(settings_for(profile))
+    subjects = generate_dataset(output, num_cases=n, layout=layout, seed=seed, progress=True, profile=settings)
+    typer.echo(f"wrote {len(subjects)} synthetic {layout} case(s) ({profile} profile) to {output}")
+
+
+@app.command()
+@_user_errors
+def convert(
+    dataset: str = typer.Argument(..., help="Dataset root (ISLES'22 archive or rawdata/, ATLAS R2.0, nnU-Net v2 raw)."),
+    output: str = typer.Option(..., "-o", "--output", help="Zarr store path or URL."),
+    modalities: Optional[str] = typer.Option(
+        None, "-m", "--modalities", help="Comma-separated, e.g. dwi,adc,flair (default: all of the layout)."
+    ),
+    layout: str = typer.Option("auto", help="auto, isles22, atlas or nnunet."),
+    levels: str = typer.Option("64,128", help="Cubic whole-field-of-view training levels to write ('' for none)."),
+    spacing: str = typer.Option(
+        "2", help="Isotropic physical-spacing levels in mm, cropped to the brain, e.g. 2 or 1,2 ('' for none)."
+    ),
+    normalization: str = typer.Option("zscore", help="zscore (within brain) or none."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
+    parallel: bool = typer.Option(
+        True, "--parallel/--in-process", help="One Ray task per subject, or convert in this process."
+    ),
+    max_dim: int = MAX_DIM_OPTION,
+    max_image_gib: float = MAX_IMAGE_GIB_OPTION,
+    voxel_range_mm: str = VOXEL_RANGE_OPTION,
+    resample_masks: bool = RESAMPLE_MASKS_OPTION,
+) -> None:
+    """Convert a NIfTI dataset into a Zarr store (resumable, parallel on Ray).
+
+    Exits 1 when any subject failed (after converting all the others), 2 on a bad request.
+    """
+    from stroke_ray.grid import spacing_level_name
+    from stroke_ray.ingest import convert_dataset
+
+    try:
+        spacing_levels = [spacing_level_name(float(x)) for x in spacing.split(",") if x.strip()]
+    except ValueError as exc:
+        raise StrokeRayError(f"--spacing: {exc}") from None
+    report = convert_dataset(
+        dataset,
+        output,
+        modalities=modalities.split(",") if modalities else None,
+        layout=layout,
+        levels=[x.strip() for x in levels.split(",") if x.strip()] + spacing_levels,
+        normalization=normalization,
+        address=address,
+        num_cpus=num_cpus,
+        progress=True,
+        parallel=parallel,
+        limits=_limits(max_dim, max_image_gib, voxel_range_mm),
+        resample_masks=resample_masks,
+    )
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("export-nnunet")
+@_user_errors
+def export_nnunet(
+    store: str = typer.Argument(..., help="stroke-ray Zarr store (path or URL)."),
+    output: Path = typer.Argument(..., help="Folder to write (new or empty), e.g. nnUNet_raw/Dataset501_Stroke."),
+) -> None:
+    """Write a store's subjects as an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json)."""
+    from stroke_ray.nnunet_export import export_nnunet as run_export
+
+    typer.echo(run_export(store, output, progress=True).summary())
+
+
+@app.command()
+@_user_errors
+def plan(
+    store: str = typer.Argument(..., help="Zarr store written by `stroke-ray convert`."),
+    level: str = typer.Option("2mm", help="Store level to plan for (a spacing level such as 2mm)."),
+    memory_gb: Optional[float] = typer.Option(
+        None, min=0.05, help="Memory budget of one training step in GiB (default: the GPU's, or a CPU default)."
+    ),
+    base_width: Optional[int] = typer.Option(None, min=1, help="Channels of the first level (default 32 on GPU, 16 on CPU)."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config to complete (default: built-in defaults)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the planned training config here (YAML)."),
+) -> None:
+    """Plan patch size, batch size and network for a store, as nnU-Net's planner does."""
+    import yaml
+
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.files import atomic_write_text
+    from stroke_ray.plan import GIB, fingerprint, plan_training
+
+    fp = fingerprint(store, level)
+    planned = plan_training(fp, memory_budget=None if memory_gb is None else int(memory_gb * GIB), base_width=base_width)
+    typer.echo(
+        f"store {fp.store}: {fp.subjects} subjects, level {fp.level}, median shape {fp.median_shape}, "
+        f"spacing {fp.spacing} mm, {fp.channels} channel(s) ({', '.join(fp.modalities)}), "
+        f"lesion volume median {fp.lesion_ml_median} ml (5th percentile {fp.lesion_ml_p5} ml)"
+    )
+    typer.echo(
+        f"plan ({planned.device}, budget {planned.memory_budget_gb} GiB): patch {planned.patch_size}, "
+        f"batch {planned.batch_size}, widths {planned.widths}, estimated {planned.estimated_gb} GiB a step"
+    )
+    if output is not None:
+        raw = (TrainConfig.from_yaml(config) if config is not None else TrainConfig()).model_dump(mode="json")
+        raw["data"]["store"] = store
+        updates = planned.config_updates()
+        raw["data"].update(updates["data"])
+        raw["model"].update(updates["model"])
+        raw["batch_size"] = updates["batch_size"]
+        cfg = TrainConfig.from_dict(raw, source="plan")
+        header = f"# planned by `stroke-ray plan {store} --level {level}`: {planned.as_dict()}\n"
+        atomic_write_text(output, header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
+@_user_errors
+def train(
+    config: Path = typer.Option(..., "-c", "--config", help="Training config YAML, or a shipped one by name (train_example)."),
+    name: Optional[str] = typer.Option(None, help="Run name; re-using a name resumes that run."),
+    store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Total epochs (overrides epochs)."),
+    augment: Optional[str] = typer.Option(
+        None, help="Augmentation preset: none, light or strong (overrides augment.preset; "
+        "per-transform settings in the config stay)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
+) -> None:
+    """Train one model on Ray Train, tracked in MLflow; re-run the same name to resume."""
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.train import run_training
+
+    raw = TrainConfig.from_yaml(config).model_dump(mode="json")
+    for key, value in (("name", name), ("epochs", epochs), ("tracking_uri", tracking_uri)):
+        if value is not None:
+            raw[key] = value
+    if store is not None:
+        raw["data"]["store"] = store
+    if augment is not None:
+        raw["augment"]["preset"] = augment
+    result = run_training(TrainConfig.from_dict(raw, source=str(config)), address=address)
+    metrics = result.metrics or {}
+    shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)
+    typer.echo(f"trained {raw['name']}: {shown}")
+    if result.checkpoint is not None:
+        typer.echo(f"checkpoint: {result.checkpoint.path}")
+    run_id = getattr(result, "mlflow_run_id", "?")
+    typer.echo(f"mlflow run: {run_id} (model: {run_model_uri(run_id)})")
+
+
+@app.command()
+@_user_errors
+def tune(
+    space: Path = typer.Option(..., "-s", "--space", help="Search-space YAML, or a shipped space by name: default, seed_replication, smoke."),
+    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config YAML (default: built-in defaults)."),
+    store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
+    name: Optional[str] = typer.Option(None, help="Sweep name (default: the space's name)."),
+    storage: str = typer.Option("runs", help="Folder (or URI) for sweep state, checkpoints and reports."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name."),
+    num_samples: Optional[int] = typer.Option(None, min=1, help="Trials (overrides the space's num_samples)."),
+    seed: int = typer.Option(0, help="Optuna sampler seed."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
+    time_budget: Optional[float] = typer.Option(None, min=1, help="Stop after this many seconds (resume later)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's trial tables and worker logs (else in <storage>/<name>/sweep.log)."),
+) -> None:
+    """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion."""
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.search_space import SearchSpace
+    from stroke_ray.tune import run_sweep
+
+    base = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
+    if store is not None:
+        base = base.model_copy(update={"data": base.data.model_copy(update={"store": store})})
+    result = run_sweep(
+        space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
+        tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
+        seed=seed, time_budget_s=time_budget, verbose=2 if verbose else 1,
+    )
+    typer.echo(result.summary())
+    if result.best is None:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Path = typer.Option(Path("demo"), "-w", "--workdir", help="Folder for data, runs, MLflow and predictions."),
+    num_cases: int = typer.Option(8, "-n", "--num-cases", min=3, help="Synthetic cases to generate."),
+    num_samples: Optional[int] = typer.Option(None, min=1, help="Sweep trials (default: the smoke space's)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs for a local Ray."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's trial tables and worker logs (else in the sweep's sweep.log)."),
+) -> None:
+    """Run the whole pipeline on synthetic data: convert, sweep, register, predict."""
+    from stroke_ray.demo import run_demo
+
+    run_demo(workdir, num_cases=num_cases, num_samples=num_samples, address=address, num_cpus=num_cpus, verbose=verbose)
+
+
+@app.command()
+@_user_errors
+def predict(
+    input: Optional[Path] = typer.Option(None, "-i", "--input", help="Dataset folder (any layout convert reads)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for masks and predictions.csv/json."),
+    model: str = typer.Option(
+        CHAMPION_URI, "-m", "--model",
+        help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
+    ),
+    dwi: Optional[Path] = typer.Option(None, help="One case: its DWI file."),
+    adc: Optional[Path] = typer.Option(None, help="One case: its ADC file."),
+    flair: Optional[Path] = typer.Option(None, help="One case: its FLAIR file."),
+    t1w: Optional[Path] = typer.Option(None, help="One case: its T1w file (ATLAS models)."),
+    mask: Optional[Path] = typer.Option(None, help="One case: its ground-truth mask, for metrics."),
+    probability: bool = typer.Option(False, "--probability", help="Also write <subject>_prob.nii.gz."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability threshold of the mask."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if present)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+    max_dim: int = MAX_DIM_OPTION,
+    max_image_gib: float = MAX_IMAGE_GIB_OPTION,
+    voxel_range_mm: str = VOXEL_RANGE_OPTION,
+    resample_masks: bool = RESAMPLE_MASKS_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in OUTPUT."),
+) -> None:
+    """Predict lesion masks for new cases, written in each case's own space."""
+    from stroke_ray.predict import predict_dataset
+
+    files = {k: v for k, v in {"dwi": dwi, "adc": adc, "flair": flair, "t1w": t1w}.items() if v is not None}
+    if (input is None) == (not files):
+        raise StrokeRayError("give either -i DATASET_DIR or the files of one case (--dwi/--adc/--flair or --t1w)")
+    report = predict_dataset(
+        files or input, model, output, tracking_uri=tracking_uri, save_probability=probability,
+        device=device, progress=True, mask=mask, threshold=threshold,
+        limits=_limits(max_dim, max_image_gib, voxel_range_mm), resample_masks=resample_masks,
+        overwrite=overwrite,
+    )
+    typer.echo(report.summary())
+    if report.failed and not report.predicted:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_user_errors
+def serve(
+    model: str = typer.Option(
+        CHAMPION_URI, "-m", "--model",
+        help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path.",
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback needs a token."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    token_file: Optional[Path] = typer.Option(
+        None, help="File holding the bearer token (default: $STROKE_RAY_SERVE_TOKEN_FILE, else $STROKE_RAY_SERVE_TOKEN).",
+    ),
+    replicas: int = typer.Option(1, min=1, help="Fixed number of replicas."),
+    min_replicas: Optional[int] = typer.Option(None, min=0, help="Autoscaling: fewest replicas."),
+    max_replicas: Optional[int] = typer.Option(None, min=1, help="Autoscaling: most replicas."),
+    gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per replica (fractions share a GPU)."),
+    cpus_per_replica: float = typer.Option(1.0, min=0.0, help="CPUs per replica."),
+    max_upload_mb: int = typer.Option(512, min=1, help="Largest accepted request body, in MB."),
+    body_timeout: float = typer.Option(120.0, min=1.0, help="Seconds within which a whole upload must arrive."),
+    max_concurrent: int = typer.Option(1, min=1, help="Predictions running at once per replica."),
+    max_queued: int = typer.Option(4, min=0, help="Predictions waiting per replica; more get 503."),
+    reload_interval: float = typer.Option(
+        60.0, min=0.0, help="Seconds between checks of a models:/name@alias for a new version (0: only on POST /admin/reload).",
+    ),
+    docs: bool = typer.Option(False, "--docs", help="Serve the OpenAPI page at /docs."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+) -> None:
+    """Serve lesion segmentation over HTTP on Ray Serve (until Ctrl-C)."""
+    import time
+
+    from stroke_ray.auth import load_token
+    from stroke_ray.service import start_server, stop_server
+
+    token = load_token(token_file)
+    url = start_server(
+        model, host=host, port=port, address=address, tracking_uri=tracking_uri, token=token,
+        num_replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+        max_upload_bytes=max_upload_mb * 1024**2, body_timeout_s=body_timeout,
+        max_concurrent=max_concurrent, max_queued=max_queued, reload_interval_s=reload_interval, docs=docs,
+    )
+    auth = "bearer token required" if token else "no token: loopback only"
+    typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz, GET /readyz; {auth}); Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo("stopping the service")
+    finally:
+        stop_server()
+
+
+@app.command()
+@_user_errors
+def export(
+    model: str = typer.Argument(..., help="Checkpoint file/dir, models:/name@alias, models:/name/N or runs:/<id>/path."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write (a <file>.json describing its input goes beside it)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+) -> None:
+    """Export a model to ONNX or TorchScript: a normalised patch in, foreground probability out."""
+    from stroke_ray.export import export_model
+
+    result = export_model(model, output, fmt, tracking_uri=tracking_uri)
+    typer.echo(f"wrote {result.format} {result.path} ({result.model_version}); input {result.input_name} "
+               f"{result.input_layout} with channels {', '.join(result.modalities)}; see {result.path}.json")
+
+
+if __name__ == "__main__":  # python -m stroke_ray.cli
+    app()

@@ -1,0 +1,370 @@
+"""Typed, validated configuration for training, tuning and prediction.
+
+One `TrainConfig` describes a training run completely; it is what a YAML file or CLI flags
+are parsed into, what a Tune trial builds from its sampled parameters, and what a
+checkpoint carries (as a plain dict) so that prediction rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from stroke_ray.errors import ConfigError
+from stroke_ray.resources import config_file
+
+__all__ = [
+    "AUGMENT_PRESETS",
+    "Architecture",
+    "AugmentConfig",
+    "AugmentPreset",
+    "BiasFieldConfig",
+    "BlurConfig",
+    "DataConfig",
+    "ElasticConfig",
+    "FactorConfig",
+    "FlipConfig",
+    "GammaConfig",
+    "LossName",
+    "LowResConfig",
+    "ModelConfig",
+    "NoiseConfig",
+    "NonNegativeRange",
+    "OptimConfig",
+    "PositiveRange",
+    "Probability",
+    "RotationConfig",
+    "SamplerName",
+    "ScaleConfig",
+    "TrainConfig",
+    "flatten",
+    "read_yaml",
+]
+
+Architecture = Literal["unet3d", "unet2plus1d"]
+LossName = Literal["dice_bce", "gdl_ce", "gdl_ce_log", "dice_ce", "dice", "bce", "gdl", "ce"]
+SamplerName = Literal["uniform", "threshold", "threshold_cube", "foreground"]
+
+
+def read_yaml(path: Path, kind: str):
+    """The parsed YAML in `path`; a missing file or a syntax error raises ConfigError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such {kind}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: dotted paths, values kept as they are.
+
+    The names are the dotted TrainConfig paths that search spaces and MLflow params use.
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelConfig(_Strict):
+    architecture: Architecture = "unet3d"
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
+    upsample: Literal["trilinear", "transpose"] = "trilinear"
+    # (2+1)D only: None = parameter-matched intermediate width (Tran et al. 2018).
+    mid_channels: int | None = None
+    checkpointing: bool = False
+    out_channels: int = 1  # 1 = sigmoid head; >1 = softmax head
+    # Extra 1x1x1 heads on the decoder's lower levels, trained with nnU-Net's halving loss
+    # weights (losses.DeepSupervisionLoss); training only, never at inference. None = on for
+    # unet3d, off for unet2plus1d (the seed study's network), decided once, below.
+    deep_supervision: bool | None = None
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or any(w < 1 for w in v):
+            raise ValueError("widths needs at least two positive entries")
+        return v
+
+    @model_validator(mode="after")
+    def _deep_supervision_default(self) -> "ModelConfig":
+        if self.deep_supervision is None:
+            self.deep_supervision = self.architecture == "unet3d"
+        return self
+
+
+class DataConfig(_Strict):
+    store: str = "data/demo.zarr"
+    # "native", a cube edge written at ingest ("64", "128") or a spacing ("2mm", "1mm")
+    level: str = "64"
+    # Patch edge in voxels of `level`: one int (a cube) or three (x, y, z), e.g. [96, 96, 64].
+    patch_size: int | tuple[int, int, int] = 64
+    sampler: SamplerName = "threshold"
+    threshold: float = Field(0.2, ge=0.0, le=1.0)
+    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+    samples_per_volume: int = Field(8, ge=1)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: object) -> object:
+        # `data.num_workers` was easy to mistake for the Ray Train workers (`num_workers`).
+        if isinstance(raw, dict) and "num_workers" in raw:
+            raise PydanticCustomError(
+                "renamed", "num_workers was renamed loader_workers (DataLoader processes per training worker)"
+            )
+        return raw
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _level(cls, v: object) -> str:
+        from stroke_ray.grid import parse_level
+
+        parse_level(str(v))  # ValueError -> a validation error naming data.level
+        return str(v).strip()
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_size(cls, v: int | tuple[int, int, int]) -> int | tuple[int, int, int]:
+        edges = (v,) * 3 if isinstance(v, int) else tuple(v)
+        if any(e < 1 for e in edges):
+            raise ValueError("patch edges must be positive")
+        return v
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The patch size as three edges."""
+        return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else tuple(self.patch_size)  # type: ignore[return-value]
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    schedule: Literal["constant", "cosine", "poly"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+
+
+# --- augmentation --------------------------------------------------------------------------
+# Every transform field is None by default, meaning "as the preset says": a config keeps
+# only what the user set, so a search over `augment.preset` combines with fixed per-transform
+# settings, and a dumped config reloads to the same thing. `AugmentConfig.resolved()` fills
+# in the preset; stroke_ray.augment only ever sees resolved configs.
+
+AugmentPreset = Literal["none", "light", "strong"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _ordered(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and v[0] > v[1]:
+        raise ValueError(f"[low, high] needs low <= high, got {list(v)}")
+    return v
+
+
+PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_ordered)]
+NonNegativeRange = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], AfterValidator(_ordered)]
+
+
+class _Transform(_Strict):
+    # Probability that a sample gets the transform (flip: per axis).
+    p: Probability | None = None
+
+
+class FlipConfig(_Transform):
+    pass
+
+
+class RotationConfig(_Transform):
+    degrees: float | None = Field(None, ge=0.0, le=180.0)  # angle about each axis: U(-d, d)
+
+
+class ScaleConfig(_Transform):
+    range: PositiveRange | None = None  # object size factor, one for all axes (>1 = zoom in)
+
+
+class ElasticConfig(_Transform):
+    magnitude: NonNegativeRange | None = None  # largest displacement, fraction of the patch edge
+    sigma: PositiveRange | None = None  # smoothness of the field, fraction of the patch edge
+
+
+class GammaConfig(_Transform):
+    range: PositiveRange | None = None  # exponent on the [min, max]-rescaled channel
+    p_inverted: Probability | None = None  # separately: gamma of the inverted channel
+
+
+class _PerChannel(_Transform):
+    # Once a sample is picked (p), each of its channels is changed with this probability.
+    p_per_channel: Probability | None = None
+
+
+class FactorConfig(_PerChannel):
+    range: PositiveRange | None = None  # multiplier, drawn per channel
+
+
+class NoiseConfig(_Transform):
+    std: NonNegativeRange | None = None  # Gaussian noise std (normalised units), per sample
+
+
+class BlurConfig(_PerChannel):
+    sigma: PositiveRange | None = None  # Gaussian sigma in voxels, per channel and axis
+
+
+class LowResConfig(_PerChannel):
+    zoom: PositiveRange | None = None  # down-sampling factor (< 1), then back up
+
+
+class BiasFieldConfig(_PerChannel):
+    strength: float | None = Field(None, ge=0.0, le=2.0)  # |coefficients| of a cubic log-field
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation: a preset, refined per transform (None = the preset's value)."""
+
+    preset: AugmentPreset = "none"
+    flip: FlipConfig = Field(default_factory=FlipConfig)
+    rotation: RotationConfig = Field(default_factory=RotationConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    elastic: ElasticConfig = Field(default_factory=ElasticConfig)
+    bias_field: BiasFieldConfig = Field(default_factory=BiasFieldConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    blur: BlurConfig = Field(default_factory=BlurConfig)
+    brightness: FactorConfig = Field(default_factory=FactorConfig)
+    contrast: FactorConfig = Field(default_factory=FactorConfig)
+    low_res: LowResConfig = Field(default_factory=LowResConfig)
+    gamma: GammaConfig = Field(default_factory=GammaConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_by_name(cls, v: object) -> object:
+        # `augment: strong` is short for `augment: {preset: strong}`.
+        return {"preset": v} if isinstance(v, str) else v
+
+    def resolved(self) -> "AugmentConfig":
+        """This config with every unset field taken from its preset."""
+        tree = self.model_dump()
+        for transform, defaults in AUGMENT_PRESETS[self.preset].items():
+            for key, value in defaults.items():
+                if tree[transform][key] is None:
+                    tree[transform][key] = value
+        return AugmentConfig.model_validate(tree)
+
+
+# Ranges follow nnU-Net's default training pipeline (nnUNetTrainer.get_training_transforms);
+# `strong` is that pipeline plus a bias field, `light` keeps only mild geometric and
+# brightness changes, `none` switches everything off but keeps the ranges, so that
+# `{preset: none, flip: {p: 0.5}}` is flips alone.
+_RANGES: dict[str, dict[str, Any]] = {
+    "flip": {},
+    "rotation": {"degrees": 30.0},
+    "scale": {"range": (0.7, 1.4)},
+    "elastic": {"magnitude": (0.0, 0.1), "sigma": (0.1, 0.2)},
+    "bias_field": {"strength": 0.3, "p_per_channel": 1.0},
+    "noise": {"std": (0.0, 0.1**0.5)},
+    "blur": {"sigma": (0.5, 1.0), "p_per_channel": 0.5},
+    "brightness": {"range": (0.75, 1.25), "p_per_channel": 1.0},
+    "contrast": {"range": (0.75, 1.25), "p_per_channel": 1.0},
+    "low_res": {"zoom": (0.5, 1.0), "p_per_channel": 0.5},
+    "gamma": {"range": (0.7, 1.5)},
+}
+_STRONG_P = {
+    "flip": 0.5, "rotation": 0.2, "scale": 0.2, "elastic": 0.0, "bias_field": 0.1, "noise": 0.1,
+    "blur": 0.2, "brightness": 0.15, "contrast": 0.15, "low_res": 0.25, "gamma": 0.3,
+}
+_LIGHT = {
+    "flip": {"p": 0.5},
+    "rotation": {"p": 0.2, "degrees": 15.0},
+    "scale": {"p": 0.2, "range": (0.85, 1.25)},
+    "brightness": {"p": 0.15},
+    "gamma": {"p": 0.15, "p_inverted": 0.0},
+    "noise": {"p": 0.1, "std": (0.0, 0.1)},
+}
+
+
+def _preset(probabilities: dict[str, float], overrides: dict[str, dict] | None = None) -> dict:
+    out = {name: {**ranges, "p": probabilities.get(name, 0.0)} for name, ranges in _RANGES.items()}
+    out["gamma"]["p_inverted"] = 0.1 if probabilities.get("gamma") else 0.0
+    for name, values in (overrides or {}).items():
+        out[name].update(values)
+    return out
+
+
+AUGMENT_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "none": _preset({}),
+    "light": _preset({}, _LIGHT),
+    "strong": _preset(_STRONG_P),
+}
+
+
+class TrainConfig(_Strict):
+    name: str = "stroke-ray"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossName = "dice_bce"
+    epochs: int = Field(10, ge=1)  # an upper bound when time_budget_s is set
+    # Stop at the first epoch boundary after this many seconds of training (wall clock, or
+    # the training process's CPU seconds with time_budget_clock "process"); None = no limit.
+    time_budget_s: float | None = Field(None, gt=0)
+    time_budget_clock: Literal["wall", "process"] = "wall"
+    steps_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers
+    use_gpu: bool | None = None  # None = when the cluster has GPUs
+    amp: bool = True  # mixed precision, GPU only
+    seed: int = 0
+    val_overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    val_max_subjects: int | None = None
+    storage_path: str = "runs"
+    cpus_per_worker: int = Field(1, ge=1)  # CPUs Ray reserves per training worker
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
+    checkpoints_to_keep: int = Field(2, ge=1)
+    overlay_every: int = Field(0, ge=0)  # log overlay images every k epochs; 0 = last epoch only
+    tracking_uri: str | None = None  # None = sqlite:///<cwd>/mlflow.db
+    experiment: str = "stroke-ray"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Load and validate a YAML config file (or a shipped one by name, `train_example`).
+
+        Raises:
+            ConfigError: a missing file or an invalid config, naming the file and the field.
+        """
+        path = config_file(path)
+        return cls.from_dict(read_yaml(path, "config file") or {}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"{source}: {problems}") from exc

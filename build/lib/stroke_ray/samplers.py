@@ -1,0 +1,210 @@
+"""Patch samplers: where in a subject the next training patch is cut.
+
+A sampler turns one subject's summed-volume table (`integral.integral_volume` of its mask)
+into a `PositionSet` once, and the set then yields patch corners in O(1) per draw. The
+threshold sampler enumerates *all* corners that pass the rejection test at once (eight
+look-ups per corner through `integral.box_sums`) and draws uniformly among them, which is
+the same distribution as rejection sampling with uniform proposals but never loops, whatever
+the threshold. See docs/sampling.md for the exact semantics and the fallbacks.
+
+Every sampler follows the `Sampler` protocol: a `name` and `positions(table, patch)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from stroke_ray.integral import box_sums
+
+__all__ = [
+    "Triple",
+    "Sampler",
+    "PositionSet",
+    "UniformSampler",
+    "ThresholdSampler",
+    "ForegroundSampler",
+    "build_sampler",
+    "as_triple",
+    "ACCEPTED",
+    "UNIFORM",
+    "EMPTY_MASK",
+    "INFEASIBLE",
+    "FOREGROUND",
+]
+
+Triple = tuple[int, int, int]
+
+# Why a subject's corners are drawn from where they are (stats() counts these).
+ACCEPTED = "accepted"  # threshold test passed somewhere: uniform over the accepted corners
+UNIFORM = "uniform"  # uniform sampler
+EMPTY_MASK = "empty_mask"  # threshold/foreground sampler, no lesion: uniform fallback
+INFEASIBLE = "infeasible"  # no corner passes: the corners with the most lesion voxels
+FOREGROUND = "foreground"  # foreground sampler with lesion voxels
+
+
+def as_triple(patch: int | Triple) -> Triple:
+    if isinstance(patch, (int, np.integer)):
+        return (int(patch),) * 3
+    return tuple(int(p) for p in patch)  # type: ignore[return-value]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Where patches of a subject may be cut, from its summed-volume mask table."""
+
+    name: str
+
+    def positions(self, table: np.ndarray, patch: int | Triple) -> "PositionSet":
+        """The subject's corner set for patches of size `patch`."""
+        ...
+
+
+@dataclass
+class PositionSet:
+    """Where one subject's patch corners may be drawn from; `sample` is O(1).
+
+    Corners live on a grid starting at `origin` (negative on axes where the volume is
+    shorter than the patch: the patch is then zero-padded) with `grid` positions per axis.
+    `corners` holds flat indices into that grid, or None for all of them.
+    """
+
+    shape: Triple
+    patch: Triple
+    origin: Triple
+    grid: Triple
+    reason: str
+    corners: np.ndarray | None = None
+    lesion_voxels: np.ndarray | None = None  # (L, 3) voxel coords, foreground sampler only
+    fraction: float = 0.0  # foreground sampler: probability of a lesion-centred patch
+
+    @property
+    def size(self) -> int:
+        """Number of distinct corners a uniform draw ranges over."""
+        return int(np.prod(self.grid)) if self.corners is None else int(self.corners.size)
+
+    def all_corners(self) -> np.ndarray:
+        """(M, 3) array of every corner the set draws from (foreground: the uniform part)."""
+        flat = np.arange(int(np.prod(self.grid))) if self.corners is None else self.corners
+        return np.stack(np.unravel_index(flat, self.grid), axis=1) + np.asarray(self.origin)
+
+    def sample(self, rng: np.random.Generator) -> Triple:
+        """One patch corner (x, y, z) in voxel coordinates of the volume."""
+        if self.lesion_voxels is not None and rng.random() < self.fraction:
+            voxel = self.lesion_voxels[rng.integers(len(self.lesion_voxels))]
+            # The lesion voxel lands anywhere inside the patch, then the corner is clipped
+            # into the valid range, which keeps the voxel inside (see docs/sampling.md).
+            offset = rng.integers(0, self.patch)
+            lo = np.asarray(self.origin)
+            hi = lo + np.asarray(self.grid) - 1
+            return tuple(int(c) for c in np.clip(voxel - offset, lo, hi))  # type: ignore[return-value]
+        if self.corners is None:
+            pos = rng.integers(0, self.grid)
+            return tuple(int(o + p) for o, p in zip(self.origin, pos))  # type: ignore[return-value]
+        flat = int(self.corners[rng.integers(self.corners.size)])
+        return tuple(int(o + p) for o, p in zip(self.origin, np.unravel_index(flat, self.grid)))  # type: ignore[return-value]
+
+
+def _frame(table: np.ndarray, patch: Triple) -> tuple[Triple, Triple, Triple]:
+    shape = tuple(int(s) - 1 for s in table.shape)
+    origin = tuple(min(0, s - n) for s, n in zip(shape, patch))
+    grid = tuple(abs(s - n) + 1 for s, n in zip(shape, patch))
+    return shape, origin, grid  # type: ignore[return-value]
+
+
+def _padded_box_sums(table: np.ndarray, patch: Triple) -> np.ndarray:
+    """Lesion count of every corner of the (possibly padded) corner grid.
+
+    Zero-padding the mask by `pad` voxels on both sides of a short axis is edge-padding its
+    summed-volume table (the first plane is all zeros, the last is the running total), so
+    the stored table is reused as is.
+    """
+    shape = [int(s) - 1 for s in table.shape]
+    pad = [(max(0, n - s),) * 2 for s, n in zip(shape, patch)]
+    if any(p[0] for p in pad):
+        table = np.pad(np.asarray(table), pad, mode="edge")
+    return box_sums(table, patch)
+
+
+class UniformSampler:
+    """Every corner equally likely: corner in [0, dim - N] per axis ([dim - N, 0] if dim < N)."""
+
+    name = "uniform"
+
+    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
+        patch = as_triple(patch)
+        shape, origin, grid = _frame(table, patch)
+        return PositionSet(shape, patch, origin, grid, UNIFORM)
+
+
+class ThresholdSampler:
+    """Rejection sampling's distribution without the rejections.
+
+    A cube is kept when count(lesion in cube) / reference > threshold (strict), where the
+    reference is the subject's total lesion volume (`reference="subject"`) or the cube's
+    volume N^3 (`reference="cube"`). Corners are drawn uniformly among all kept cubes.
+    Fallbacks: empty mask -> uniform corners; no cube passes -> uniform among the corners
+    holding the most lesion voxels (the best fraction reachable).
+    """
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.2, reference: str = "subject"):
+        if reference not in ("subject", "cube"):
+            raise ValueError(f"reference must be 'subject' or 'cube', got {reference!r}")
+        self.threshold = float(threshold)
+        self.reference = reference
+
+    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
+        patch = as_triple(patch)
+        table = np.asarray(table)
+        shape, origin, grid = _frame(table, patch)
+        total = int(table[-1, -1, -1])
+        if total == 0:
+            return PositionSet(shape, patch, origin, grid, EMPTY_MASK)
+        counts = _padded_box_sums(table, patch)
+        denominator = total if self.reference == "subject" else int(np.prod(patch))
+        kept = np.flatnonzero(counts / denominator > self.threshold)
+        if kept.size:
+            return PositionSet(shape, patch, origin, grid, ACCEPTED, corners=kept)
+        best = np.flatnonzero(counts == counts.max())
+        return PositionSet(shape, patch, origin, grid, INFEASIBLE, corners=best)
+
+
+class ForegroundSampler:
+    """nnU-Net style: with probability `fraction` a patch holding a random lesion voxel
+    (anywhere inside the patch), otherwise a uniform corner. Empty mask -> uniform."""
+
+    name = "foreground"
+
+    def __init__(self, fraction: float = 0.33):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
+        patch = as_triple(patch)
+        table = np.asarray(table)
+        shape, origin, grid = _frame(table, patch)
+        if int(table[-1, -1, -1]) == 0:
+            return PositionSet(shape, patch, origin, grid, EMPTY_MASK)
+        mask = box_sums(table, (1, 1, 1))  # the mask back from its table: exact
+        voxels = np.argwhere(mask > 0).astype(np.int32)
+        return PositionSet(
+            shape, patch, origin, grid, FOREGROUND, lesion_voxels=voxels, fraction=self.fraction
+        )
+
+
+def build_sampler(name: str, threshold: float = 0.2, foreground_fraction: float = 0.33):
+    """A sampler from its config name (uniform | threshold | threshold_cube | foreground)."""
+    if name == "uniform":
+        return UniformSampler()
+    if name == "threshold":
+        return ThresholdSampler(threshold, reference="subject")
+    if name == "threshold_cube":
+        return ThresholdSampler(threshold, reference="cube")
+    if name == "foreground":
+        return ForegroundSampler(foreground_fraction)
+    raise ValueError(f"unknown sampler {name!r} (uniform, threshold, threshold_cube, foreground)")

@@ -1,0 +1,357 @@
+"""Hyper-parameter sweeps: Ray Tune runs the trials, Optuna picks them, MLflow records them.
+
+A sweep is described by a search-space YAML file (`search_space.SearchSpace`, see
+docs/tuning.md). Each Tune trial runs a small driver function that turns the sampled
+parameters into a `TrainConfig` and runs one Ray Train job (`train.build_trainer`); Train's
+per-epoch reports reach Tune through `TuneReportCallback`, so Optuna (TPE, define-by-run for
+conditional parameters) and ASHA (early stopping) see every epoch.
+
+On disk, everything of a sweep lives under `<storage>/<name>/`: Tune's own state (what makes
+`resume=True` work), `train/` (one Ray Train run per trial), `best/` (the winning checkpoint
+and config) and `report.md` (`sweep_report`). In MLflow there is one parent run per sweep
+and one nested run per trial (`tracking.sweep_parent_run`, `tracking.trial_run`), both
+found again by tags on resume so nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.train import Checkpoint
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from stroke_ray import ray_compat, tracking
+from stroke_ray.checkpoint import CHECKPOINT_FILE
+from stroke_ray.config import TrainConfig, flatten
+from stroke_ray.console import SweepProgress, ray_output_to
+from stroke_ray.errors import ConfigError, StrokeRayError
+from stroke_ray.files import atomic_path, atomic_write_text
+from stroke_ray.locations import absolute, is_url
+from stroke_ray.model_ref import CHAMPION_URI, register_run_checkpoint
+from stroke_ray.raycluster import connect
+from stroke_ray.resources import search_space_file
+from stroke_ray.search_space import SearchSpace
+from stroke_ray.sweep_figures import log_sweep_figures
+from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
+from stroke_ray.train import build_trainer, check_store
+
+__all__ = ["DRIVER_CPU", "SWEEP_LOG", "SweepResult", "run_sweep", "trial_concurrency"]
+
+# Ray's trial tables and worker logs of a sweep, unless --verbose shows them on the console.
+SWEEP_LOG = "sweep.log"
+# The trial driver only builds a TorchTrainer and waits: a sliver of a CPU, so it never
+# competes with its own Train worker for a core.
+DRIVER_CPU = 0.01
+
+
+def trial_concurrency(cfg: TrainConfig, resources: dict[str, float] | None = None) -> int:
+    """How many trials fit at once: available CPUs (or GPUs) / what one trial holds."""
+    resources = resources if resources is not None else ray.available_resources()
+    gpus = resources.get("GPU", 0.0)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
+    if use_gpu:
+        return max(1, math.floor(gpus / cfg.num_workers))
+    # Each trial's driver holds DRIVER_CPU beside its workers: with 2 CPUs and 1-CPU trials,
+    # two trials need 2.02 CPUs and the second worker group would wait forever.
+    per_trial = cfg.num_workers * getattr(cfg, "cpus_per_worker", 1) + DRIVER_CPU
+    return max(1, math.floor(resources.get("CPU", 1.0) / per_trial + 1e-9))
+
+
+# --------------------------------------------------------------------------- trial driver
+
+
+@dataclass
+class _TrialDriver:
+    """The Tune trainable: one Ray Train job per trial (a picklable callable, no globals)."""
+
+    space: SearchSpace
+    base: dict
+    sweep_dir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+    def __call__(self, config: dict) -> None:
+        # Runs in a Tune trial actor: Ray Train's callback is imported where it is used.
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+
+        ctx = tune.get_context()
+        trial_id = ctx.get_trial_id()
+        params = self.space.decode(flatten(config))
+        cfg = self.space.trial_config(TrainConfig.model_validate(self.base), params)
+        cfg = cfg.model_copy(update={"tracking_uri": self.tracking_uri})
+
+        client = tracking.client_for(self.tracking_uri)
+        run_id = tracking.trial_run(client, self.experiment, self.parent_run_id, self.sweep_dir, trial_id)
+        # The same flattened config the train loop would log (it skips runs that have params),
+        # plus the sampled values under search.* so MLflow can compare trials on them alone.
+        if not client.get_run(run_id).data.params:
+            tracking.log_params_flat(client, run_id, {**cfg.model_dump(mode="json"), "search": params})
+            client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        client.set_tag(run_id, "stroke_ray.trial_dir", ctx.get_trial_dir())
+        trainer = build_trainer(
+            cfg,
+            run_name=f"trial-{trial_id}",
+            storage_path=os.path.join(self.sweep_dir, "train"),
+            callbacks=[TuneReportCallback()],
+            mlflow_run_id=run_id,
+        )
+        try:
+            trainer.fit()
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+
+
+class _TrialCleanup(tune.Callback):
+    """Closes what a trial stopped by Tune (ASHA, a stopper) cannot close itself.
+
+    Tune stops such a trial by ending its driver while the Ray Train run inside is still
+    going, so (1) the trial's MLflow run is left RUNNING and (2) the Train worker group's
+    placement group may outlive it: Ray Train's own cleaner needs the state API, which a
+    local Ray without dashboard does not have, and the leaked CPUs then starve every later
+    trial. Placement groups are released only when no other trial of this sweep is running,
+    so a live trial's workers are never touched; Tune's own trial groups are kept.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_id: str):
+        self.tracking_uri, self.experiment, self.parent_id = tracking_uri, experiment, parent_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trials, trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trials, trial, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})
+
+    def _close(self, trials, trial, status: str) -> None:
+        tracking.close_trial_run(self.tracking_uri, self.experiment, self.parent_id, trial.trial_id, status)
+        if not any(t is not trial and t.status == "RUNNING" for t in trials):
+            ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced, and where."""
+
+    name: str
+    path: Path  # <storage>/<name>
+    metric: str
+    mode: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    best_config: TrainConfig | None
+    best_checkpoint: Path | None  # <storage>/<name>/best/checkpoint.pt
+    parent_run_id: str
+    model_version: str | None
+    importances: dict[str, float]
+    report_path: Path
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [f"sweep {self.name}: {len(self.trials)} trials in {self.seconds:.0f} s -> {self.path}"]
+        if self.best is not None:
+            lines.append(f"best trial {self.best.trial_id}: {self.metric} = {self.best.metric:.4f}")
+            lines.append(f"best checkpoint: {self.best_checkpoint}")
+        if self.model_version:
+            lines.append(f"registered: {CHAMPION_URI} (version {self.model_version})")
+        lines.append(f"report: {self.report_path}")
+        lines.append(f"Ray's log: {self.path / SWEEP_LOG}")
+        return "\n".join(lines)
+
+
+def _export_checkpoint(src: str, dest_dir: Path) -> Path:
+    """Copy the winning Train checkpoint's checkpoint.pt to <sweep>/best/ (atomically)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / CHECKPOINT_FILE
+    with Checkpoint(path=src).as_directory() as local:
+        source = Path(local) / CHECKPOINT_FILE
+        if not source.exists():
+            raise StrokeRayError(f"{src}: checkpoint directory has no {CHECKPOINT_FILE}")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
+    return dest
+
+
+def _best_trial(space: SearchSpace, trials: list[TrialSummary]) -> TrialSummary | None:
+    """The trial with the best metric and a checkpoint (ties: the lowest trial id)."""
+    # Sorted by trial id so ties (common in tiny sweeps) pick the same trial every time.
+    scored = sorted((t for t in trials if t.metric is not None and t.checkpoint), key=lambda t: t.trial_id)
+    if not scored:
+        return None
+    return (max if space.mode == "max" else min)(scored, key=lambda t: t.metric)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, storage: Path, *,
+               num_samples: int, seed: int, max_concurrent: int | None, time_budget_s: float | None,
+               stopper, verbose: int, callbacks: list):
+    # `verbose` is Tune's own level: its tables go to the console or to the sweep log.
+    """A fresh Tuner: Optuna's TPE behind a concurrency limit, ASHA on the space's metric."""
+    searcher = OptunaSearch(
+        space=space, metric=space.metric, mode=space.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    scheduler = ASHAScheduler(
+        metric=space.metric,
+        mode=space.mode,
+        time_attr="training_iteration",
+        # One past the last epoch: a trial that runs all its epochs ends by itself, so
+        # its Train run shuts down cleanly; only early stops cut a trial short.
+        max_t=probe.epochs + 1,
+        grace_period=min(space.grace_period, probe.epochs),
+        reduction_factor=space.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or trial_concurrency(probe)),
+            scheduler=scheduler,
+            num_samples=num_samples,
+            time_budget_s=time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), stop=stopper, verbose=verbose,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def run_sweep(
+    space_file: str | Path,
+    base_config: TrainConfig,
+    name: str,
+    storage_path: str,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    num_samples: int | None = None,
+    seed: int = 0,
+    *,
+    max_concurrent: int | None = None,
+    time_budget_s: float | None = None,
+    stopper=None,
+    register: bool = True,
+    verbose: int = 1,
+) -> SweepResult:
+    """Run (or resume) a sweep and export, register and report its best trial.
+
+    `resume=True` continues `<storage_path>/<name>` when Tune left state there (finished
+    trials are kept, unfinished and errored ones run again) and starts afresh otherwise.
+    `time_budget_s` / `stopper` end a sweep early; it can then be resumed.
+
+    `verbose`: 0 prints nothing, 1 one progress line (`console.SweepProgress`), 2 Ray's own
+    trial tables and worker logs on the console. At 0 and 1 those go to
+    `<storage_path>/<name>/sweep.log` (`SWEEP_LOG`).
+
+    Raises:
+        ConfigError: the search space, the base config or a storage URL is not usable.
+        StrokeRayError: the store cannot be trained on, or a sweep of that name exists.
+    """
+    started = time.time()
+    space_file = search_space_file(space_file)
+    space = SearchSpace.load(space_file)
+    if is_url(storage_path):
+        # Tune state under a URL needs pyarrow filesystems end to end; refuse rather than
+        # write "s3://..." as a local folder that dies with this node.
+        raise ConfigError(f"{storage_path}: sweep storage must be a local or shared folder, not a URL")
+    storage = Path(absolute(storage_path))
+    sweep_dir = storage / name
+    tracking_uri = tracking_uri or base_config.tracking_uri or tracking.default_tracking_uri()
+    # Tune runs each trial in its own working directory: make a local store path absolute.
+    store = base_config.data.store
+    if not is_url(store) and not Path(store).is_absolute():
+        base_config = base_config.model_copy(deep=True)
+        base_config.data.store = absolute(store)
+    # The trials' configs and the store must validate before any compute is spent on them.
+    probe = space.trial_config(base_config, {})
+    check_store(probe.data.store, sorted(space.levels(base_config)))
+    total = num_samples or space.num_samples
+
+    connect(address)
+    restoring = resume and tune.Tuner.can_restore(str(sweep_dir))
+    if not restoring and sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir)):
+        raise StrokeRayError(f"{sweep_dir}: a sweep named {name!r} already exists there; resume it or pick another name")
+
+    client = tracking.client_for(tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(client, base_config.experiment)
+    parent_id = tracking.sweep_parent_run(client, experiment_id, str(sweep_dir), name, reuse=restoring)
+    if not restoring:  # a resumed sweep keeps its original settings (and params)
+        tracking.log_params_flat(client, parent_id, {
+            "space": space.name, "space_file": str(space_file), "metric": space.metric, "mode": space.mode,
+            "num_samples": total, "seed": seed, "fixed": dict(space.fixed),
+        })
+        client.log_artifact(parent_id, str(space_file), artifact_path="search_space")
+
+    driver = _TrialDriver(space, base_config.model_dump(), str(sweep_dir), tracking_uri, base_config.experiment, parent_id)
+    trainable = tune.with_resources(driver, {"CPU": DRIVER_CPU})
+    callbacks = [_TrialCleanup(tracking_uri, base_config.experiment, parent_id)]
+    if verbose == 1:
+        callbacks.append(SweepProgress(name, total, space.metric, space.mode))
+    ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})  # left by an interrupted session
+    if restoring:
+        ray_compat.reopen_search(sweep_dir, total)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True, restart_errored=False)
+        ray_compat.set_stop_conditions(tuner, stopper, time_budget_s, callbacks)
+    else:
+        tuner = _new_tuner(trainable, space, probe, name, storage, num_samples=total, seed=seed,
+                           max_concurrent=max_concurrent, time_budget_s=time_budget_s, stopper=stopper,
+                           verbose=1, callbacks=callbacks)
+    with ray_output_to(None if verbose >= 2 else sweep_dir / SWEEP_LOG):
+        grid = tuner.fit()
+
+    trials = [summarise(r, space) for r in grid]
+    best = _best_trial(space, trials)
+    best_config = space.trial_config(base_config, best.params) if best else None
+    best_checkpoint = None
+    model_version = None
+    if best is not None:
+        best_checkpoint = _export_checkpoint(best.checkpoint, sweep_dir / "best")
+        atomic_write_text(sweep_dir / "best" / "config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
+        best_run = tracking.find_run_by_tags(client, experiment_id, {tracking.PARENT_TAG: parent_id, tracking.TAG_TRIAL: best.trial_id})
+        client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
+        client.log_metric(parent_id, f"best_{space.metric}", best.metric)
+        if best_run is not None:
+            client.set_tag(parent_id, "stroke_ray.best_run_id", best_run.info.run_id)
+            if register:
+                model_version = register_run_checkpoint(client, best_run.info.run_id, best_checkpoint)
+
+    importances = param_importances(space, trials)
+    report_path = sweep_dir / "report.md"
+    text = write_report(report_path, space, trials, best, best_config, importances)
+    client.log_artifact(parent_id, str(report_path))
+    for k, v in importances.items():
+        client.log_metric(parent_id, f"importance.{k}", v)
+    log_sweep_figures(client, parent_id, space, trials, importances)
+    # Unfinished trials (a time budget or stopper hit) leave the parent open for a resume.
+    ran = [t for t in trials if t.status != "NOT RUN"]
+    if len(ran) >= total and not any(t.status == "ERROR" for t in trials):
+        client.set_terminated(parent_id, status="FINISHED")
+    if verbose >= 2:
+        print(text)
+    return SweepResult(
+        name=name, path=sweep_dir, metric=space.metric, mode=space.mode, trials=trials, best=best,
+        best_config=best_config, best_checkpoint=best_checkpoint, parent_run_id=parent_id,
+        model_version=model_version, importances=importances, report_path=report_path,
+        seconds=time.time() - started,
+    )

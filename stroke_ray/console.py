@@ -60,9 +60,10 @@ class SweepProgress(tune.Callback):
         # The terminal as it is now: during the sweep sys.stderr points at the sweep log.
         self._stream = stream or sys.stderr
         self._bar = None
+        self._postfix = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_bar": None, "_stream": None}
+        return {**self.__dict__, "_bar": None, "_stream": None, "_postfix": None}
 
     def _progress(self):
         if self._bar is None:
@@ -87,10 +88,10 @@ class SweepProgress(tune.Callback):
         if done > bar.n:
             bar.update(done - bar.n)
         best = self._best(trials)
-        bar.set_postfix_str(
-            f"{running} running" + (f", best {self.metric} {best[0]:.4f} ({best[1]})" if best else ""),
-            refresh=True,
-        )
+        text = f"{running} running" + (f", best {self.metric} {best[0]:.4f} ({best[1]})" if best else "")
+        if text != self._postfix:  # Tune calls this every loop step: redraw only on a change
+            self._postfix = text
+            bar.set_postfix_str(text, refresh=True)
 
     def on_step_end(self, iteration, trials, **info):
         self.refresh(trials)
@@ -104,4 +105,4 @@ class SweepProgress(tune.Callback):
     def on_experiment_end(self, trials, **info):
         self.refresh(trials)
         self._progress().close()
-        self._bar = None
+        self._bar, self._postfix = None, None

@@ -48,6 +48,8 @@ def test_wheel_runs_the_cli_and_loads_the_demo_config_outside_the_source_tree(tm
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(dist), str(REPO)], check=True, cwd=tmp_path, timeout=600)
     wheel = next(dist.glob("stroke_ray-*.whl"))
+    own_site = sysconfig.get_paths()["purelib"]
+    own_before = sorted(os.listdir(own_site))
     venv = tmp_path / "venv"
     # A venv of its own with its own pip (ensurepip, offline), so the console script it
     # installs runs this venv's interpreter.
@@ -55,11 +57,14 @@ def test_wheel_runs_the_cli_and_loads_the_demo_config_outside_the_source_tree(tm
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
+    # Installed before the dependencies are visible: pip then sees no other stroke-ray to
+    # replace (it would uninstall this venv's editable install otherwise).
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
+                    str(wheel)], check=True, timeout=300)
     # The dependencies (torch, ray, ...) from this venv, as a plain path: its .pth files
     # (the editable install of the source tree) are not run, so stroke_ray comes from the wheel.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
-                   check=True, timeout=300)
+    assert sorted(os.listdir(own_site)) == own_before, "installing the wheel changed this venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 300}
     help_out = subprocess.run([str(venv / "bin" / "stroke-ray"), "--help"], **run)

@@ -66,3 +66,28 @@ def synth_store(synth_dataset, tmp_path_factory, ray_local) -> str:
     report = convert_dataset(str(synth_dataset), out, levels=[32], progress=False)
     assert report.converted == 4, report.summary()
     return out
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """One MLflow sqlite database with its schema made (migrations take seconds of CPU)."""
+    from stroke_ray.tracking import client_for
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client_for(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_uri(_mlflow_template):
+    """`new_mlflow_uri(folder)`: a fresh, empty MLflow store at folder/mlflow.db (a copy of
+    the template), as a `sqlite:///` URI. Artifacts go beside it, as for any sqlite store."""
+    import shutil
+
+    def make(folder: Path) -> str:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return make

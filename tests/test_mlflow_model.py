@@ -21,10 +21,10 @@ from stroke_ray.predict import predict_dataset
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, isles_sample):
+def registered(tmp_path_factory, isles_sample, new_mlflow_uri):
     """A checkpoint logged the new way, registered as the champion, and stroke-ray's own masks."""
     root = tmp_path_factory.mktemp("pyfunc")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_mlflow_uri(root)
     checkpoint = make_checkpoint(root / "ckpt", bias=None)
     client = tracking.client_for(uri)
     run_id = tracking.get_or_create_run(client, "pyfunc-test", "trained")

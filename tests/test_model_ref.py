@@ -13,8 +13,8 @@ from stroke_ray.models import build_model
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    return tracking.client_for(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+def client(tmp_path_factory, new_mlflow_uri):
+    return tracking.client_for(new_mlflow_uri(tmp_path_factory.mktemp("mlflow")))
 
 
 def test_one_champion_constant():

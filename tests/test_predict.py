@@ -99,6 +99,7 @@ def test_subjects_keep_only_those_cases_and_name_unknown_ones(mixed_dataset, che
     assert [r["subject"] for r in rows] == ["sub-strokecase0009"]
 
 
+@pytest.mark.slow  # a full-size prediction of the real case with probabilities: ~5 s of CPU
 def test_explicit_files_with_a_known_mask_and_probability(isles_sample, tmp_path):
     # A constant logit of +20 marks every voxel: the whole field of view is "lesion".
     ckpt = make_checkpoint(tmp_path / "ckpt", level="native", patch=32, bias=20.0)
@@ -149,10 +150,10 @@ def test_cli_bad_model_is_one_line(tmp_path, isles_sample):
     assert "Traceback" not in result.output
 
 
-def test_registered_champion_is_the_default_kind_of_reference(isles_sample, checkpoint, tmp_path):
+def test_registered_champion_is_the_default_kind_of_reference(isles_sample, checkpoint, tmp_path, new_mlflow_uri):
     from stroke_ray import model_ref, tracking
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_mlflow_uri(tmp_path)
     client = tracking.client_for(uri)
     run_id = tracking.get_or_create_run(client, "predict-test", "trained")
     model_ref.register_champion(model_ref.log_model(client, run_id, checkpoint), tracking_uri=uri)

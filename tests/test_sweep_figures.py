@@ -39,9 +39,9 @@ def test_figures_show_every_finished_trial(tmp_path):
     assert [len(line.get_xdata()) for line in curves.axes[0].get_lines()] == [2, 4, 2, 4, 2]
 
 
-def test_figures_are_logged_to_the_parent_run(tmp_path):
+def test_figures_are_logged_to_the_parent_run(tmp_path, new_mlflow_uri):
     space = SearchSpace.load(SMOKE)
-    client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracking.client_for(new_mlflow_uri(tmp_path))
     run = tracking.get_or_create_run(client, "figures", "sweep")
     paths = log_sweep_figures(client, run, space, _trials(space), {"optim.lr": 0.7, "loss": 0.3})
     logged = {a.path: a.file_size for a in client.list_artifacts(run, "figures")}

@@ -15,9 +15,9 @@ def store_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(store_dir):
-    # One database for the module: creating MLflow's sqlite schema takes seconds.
-    return tracking.client_for(f"sqlite:///{store_dir / 'mlflow.db'}")
+def client(store_dir, new_mlflow_uri):
+    # One database for the module, copied from the session's template (its schema is made).
+    return tracking.client_for(new_mlflow_uri(store_dir))
 
 
 def test_default_tracking_uri_is_sqlite_in_cwd(tmp_path, monkeypatch):

@@ -1,11 +1,11 @@
 """Do the synthetic real-scan artefacts cut false lesions on the real ISLES'22 sample case?
 
-    .venv/bin/python benchmarks/bench_artefacts.py [--cases 16] [--epochs 10] [--steps 40] [--work DIR]
+    .venv/bin/python benchmarks/bench_artefacts.py [--cases 16] [--epochs 8] [--steps 30] [--work DIR]
 
 Trains the same model twice on the same synthetic cases (`stroke-ray synth`, seed 0), once
 with `--no-artefacts` and once with the default artefacts (the two datasets differ only by
 the artefacts: they have their own random stream), for the same number of steps at the
-64^3 level, then predicts the real sample case (../shared/data/isles22-sample) with each
+64^3 level (a 16-32-64-128 3D U-Net, no augmentation), then predicts the real sample case (../shared/data/isles22-sample) with each
 and prints Dice, lesion F1, true/false-positive components and the predicted volume, by
 the same `stroke_ray.metrics` code. Everything goes through the `stroke-ray` CLI, so the
 commands printed are the ones a user would type.
@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "isles22-sample"
 SUBJECT = "sub-strokecase0009"
 CLI = [str(Path(sys.executable).with_name("stroke-ray"))]
+VARIANTS = ("no-artefacts", "artefacts")
 
 
 def run(args: list[str], log: Path) -> str:
@@ -54,9 +55,10 @@ def train(work: Path, name: str, artefacts: bool, args) -> Path:
     config.write_text(json.dumps({  # JSON is YAML
         "name": name, "experiment": "artefact-bench", "storage_path": str(work / "runs"),
         "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "model": {"widths": args.widths},
         "data": {"store": str(store), "level": "64", "patch_size": 64, "val_fraction": 0.125},
         "epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": 2, "seed": 0,
-        "val_max_subjects": 2,
+        "val_max_subjects": 1,
     }))
     out = run(["train", "-c", str(config)], work / f"train-{name}.log")
     line = next(x for x in out.splitlines() if x.startswith("checkpoint: "))
@@ -81,20 +83,27 @@ def score_real(work: Path, name: str, checkpoint: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--widths", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64, 128],
+                    help="U-Net channels per level (comma-separated)")
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "artefacts")
+    ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                    help="which models to train here (comma-separated; default both, one after the other)")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_DISABLE_DASHBOARD", "1")
-    rows = {}
-    for name, artefacts in (("no-artefacts", False), ("artefacts", True)):
+    for name in args.variants:
         t = time.perf_counter()
-        checkpoint = train(work, name, artefacts, args)
-        rows[name] = score_real(work, name, checkpoint)
-        rows[name]["seconds"] = time.perf_counter() - t
-        print(name, json.dumps(rows[name]), flush=True)
+        checkpoint = train(work, name, name == "artefacts", args)
+        row = score_real(work, name, checkpoint)
+        row["seconds"] = time.perf_counter() - t
+        (work / f"result-{name}.json").write_text(json.dumps(row, indent=2))
+        print(name, json.dumps(row), flush=True)
+    # Every variant measured so far in this work folder (variants may run as separate processes).
+    rows = {name: json.loads((work / f"result-{name}.json").read_text())
+            for name in VARIANTS if (work / f"result-{name}.json").is_file()}
     keys = ["dice", "lesion_f1", "tp", "fp_components", "fn", "pred_ml", "truth_ml", "abs_volume_diff_ml",
             "seconds"]
     print(f"\nreal sample {SUBJECT}, models trained {args.epochs} x {args.steps} steps on {args.cases} cases")
@@ -102,7 +111,6 @@ def main() -> None:
     for key in keys:
         print(f"{key:20s}" + "".join(f"{rows[r][key]:16.3f}" for r in rows))
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
-    (work / "results.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ nnU-Net v2 raw datasets (a folder with dataset.json; TEST may also be a folder o
 `<case>_<channel:04d>.nii.gz` files). From Python::
 
     from peer_nnunet import run_nnunet   # with benchmarks/ on sys.path
-    masks = run_nnunet(train, test, work, budget_s=1800, seed=0)   # {case: mask path}
+    masks = run_nnunet(train_dir, test_dir, work_dir, budget_s=1800, seed=0)   # {case: mask path}
 
 What runs, all nnU-Net's own code (nothing of it is copied here): fingerprint extraction,
 the default `ExperimentPlanner` (3d_fullres only; patch and batch size as it plans them),
@@ -18,7 +18,9 @@ preprocessing, then a trainer subclass defined below (`nnUNetTrainerBudget`): nn
 default trainer (augmentation, deep supervision, poly LR, Dice+CE) with 50 iterations per
 epoch instead of 250 and 5 validation iterations instead of 50, the number of epochs
 re-estimated after every epoch so that the poly schedule reaches its end when the budget
-is spent, trained on all training cases (fold `all`), seeded. nnU-Net looks trainers up
+is spent (checked every iteration, with room kept for the epoch's validation iterations:
+the last epoch is cut short rather than overrun),
+trained on all training cases (fold `all`), seeded. nnU-Net looks trainers up
 by class name inside its own package, so this one is driven from Python and its
 predictor is built with `nnUNetPredictor.manual_initialization`; prediction uses sliding
 windows with Gaussian weighting, step 0.5 and mirroring on all axes, as nnU-Net ships it.
@@ -50,13 +52,13 @@ ITERATIONS_PER_EPOCH = 50
 VAL_ITERATIONS_PER_EPOCH = 5
 
 
-def run_nnunet(train: str | Path, test: str | Path, work_dir: str | Path, budget_s: float = 1800.0,
+def run_nnunet(train_dir: str | Path, test_dir: str | Path, work_dir: str | Path, budget_s: float = 1800.0,
                seed: int = 0, threads: int = 2) -> dict[str, Path]:
-    """Train nnU-Net v2 3d_fullres on `train` for `budget_s` seconds and predict `test`.
+    """Train nnU-Net v2 3d_fullres on `train_dir` for `budget_s` seconds and predict `test_dir`.
 
     Args:
-        train: a stroke-ray store or an nnU-Net v2 raw dataset folder.
-        test: a stroke-ray store, an nnU-Net v2 raw dataset folder (its imagesTs, else
+        train_dir: a stroke-ray store or an nnU-Net v2 raw dataset folder.
+        test_dir: a stroke-ray store, an nnU-Net v2 raw dataset folder (its imagesTs, else
             imagesTr) or a folder of `<case>_<channel:04d>.nii.gz` files.
         work_dir: a new or empty folder (or one an earlier run of this function made).
         budget_s: wall-clock seconds of training (preprocessing and prediction are extra
@@ -75,7 +77,7 @@ def run_nnunet(train: str | Path, test: str | Path, work_dir: str | Path, budget
     env = {**os.environ, "nnUNet_raw": str(work / "nnUNet_raw"),
            "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
            "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_compile": "f", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--train", str(train), "--test", str(test),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--train", str(train_dir), "--test", str(test_dir),
            "--work", str(work), "--budget", str(budget_s), "--seed", str(seed), "--threads", str(threads),
            "--in-process"]
     with open(work / "peer.log", "w") as log:
@@ -147,28 +149,51 @@ def _trainer_class(budget_s: float):
             self.num_epochs = 1000  # re-estimated from the budget after each epoch
             self.budget_s = budget_s
             self.epoch_seconds: list[float] = []
+            self.iterations = 0
+            self.val_seconds: float | None = None  # of the last epoch's validation iterations
+            self.cpu_seconds = 0.0  # process CPU time of the loop (all threads): less load-bound
 
         def run_training(self):
             self.on_train_start()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
+
+            def spent() -> float:
+                return time.perf_counter() - start
+
             while self.current_epoch < self.num_epochs:
                 epoch_start = time.perf_counter()
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+                outputs = []
+                # The budget is checked every iteration, keeping room for the validation
+                # iterations that close the epoch: the last epoch is cut short, not overrun.
+                while len(outputs) < self.num_iterations_per_epoch:
+                    if outputs and self.val_seconds is None:  # first epoch: a forward pass ~ 1/3 step
+                        step = (time.perf_counter() - epoch_start) / len(outputs)
+                        reserve = step * self.num_val_iterations_per_epoch / 3
+                    else:
+                        reserve = self.val_seconds or 0.0
+                    if spent() + reserve >= self.budget_s:
+                        break
+                    outputs.append(self.train_step(next(self.dataloader_train)))
+                if not outputs:
+                    break
+                self.iterations += len(outputs)
                 self.on_train_epoch_end(outputs)
+                val_start = time.perf_counter()
                 with torch.no_grad():
                     self.on_validation_epoch_start()
                     val = [self.validation_step(next(self.dataloader_val))
                            for _ in range(self.num_val_iterations_per_epoch)]
                     self.on_validation_epoch_end(val)
+                self.val_seconds = time.perf_counter() - val_start
                 self.on_epoch_end()  # increments current_epoch
                 self.epoch_seconds.append(time.perf_counter() - epoch_start)
-                left = self.budget_s - (time.perf_counter() - start)
+                self.cpu_seconds = time.process_time() - cpu_start
                 per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds)
                 # Stretch or shrink the poly schedule so that it ends with the budget.
-                self.num_epochs = self.current_epoch + max(0, int(left // per_epoch))
-                self.lr_scheduler.max_steps = max(self.num_epochs, self.current_epoch)
+                self.num_epochs = self.current_epoch + max(0, int(-(-(self.budget_s - spent()) // per_epoch)))
+                self.lr_scheduler.max_steps = max(self.num_epochs, self.current_epoch + 1)
             self.on_train_end()
 
     return nnUNetTrainerBudget
@@ -201,17 +226,24 @@ def _run(args) -> None:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    t = time.perf_counter()
-    # The planner sets torch's thread count from nnUNet_n_proc_DA, which must be >= 1 there;
-    # training then augments in the main process (0: no augmentation worker processes).
-    os.environ["nnUNet_n_proc_DA"] = str(args.threads)
-    extract_fingerprints([DATASET_ID], num_processes=args.threads, check_dataset_integrity=True,
-                         show_progress_bar=False)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(args.threads,),
-               show_progress_bar=False)
-    times["preprocess_s"] = time.perf_counter() - t
+    # A work folder whose earlier run got this far resumes: the plan and preprocessed data,
+    # then the trained model, are reused (each is written last by its own step).
+    earlier = json.loads((work / "peer_steps.json").read_text()) if (work / "peer_steps.json").is_file() else {}
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    t = time.perf_counter()
+    if "preprocess_s" in earlier:
+        times["preprocess_s"] = earlier["preprocess_s"]
+    else:
+        # The planner sets torch's thread count from nnUNet_n_proc_DA, which must be >= 1
+        # there; training then augments in the main process (0: no worker processes).
+        os.environ["nnUNet_n_proc_DA"] = str(args.threads)
+        extract_fingerprints([DATASET_ID], num_processes=args.threads, check_dataset_integrity=True,
+                             show_progress_bar=False)
+        plan_experiments([DATASET_ID])
+        preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(args.threads,),
+                   show_progress_bar=False)
+        times["preprocess_s"] = time.perf_counter() - t
+        _save_steps(work, times)
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((raw / "dataset.json").read_text())
     plan = plans["configurations"][CONFIGURATION]
@@ -219,11 +251,19 @@ def _run(args) -> None:
     t = time.perf_counter()
     os.environ["nnUNet_n_proc_DA"] = "0"
     torch.set_num_threads(args.threads)
+    plans["continue_training"] = False  # as nnU-Net's own run_training passes it (the trainer pops it)
     trainer = _trainer_class(args.budget)(plans, CONFIGURATION, "all", dataset_json, torch.device("cpu"))
-    trainer.run_training()
-    times["train_s"] = time.perf_counter() - t
-    iterations = trainer.current_epoch * ITERATIONS_PER_EPOCH
-    train_loop_s = sum(trainer.epoch_seconds)
+    if "train_s" in earlier:
+        trainer.initialize()
+        trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+        for key in ("train_s", "iterations", "epochs", "train_loop_s", "train_cpu_s"):
+            times[key] = earlier[key]
+    else:
+        trainer.run_training()
+        times.update(train_s=time.perf_counter() - t, iterations=trainer.iterations, epochs=trainer.current_epoch,
+                     train_loop_s=sum(trainer.epoch_seconds), train_cpu_s=trainer.cpu_seconds)
+        _save_steps(work, times)
+    iterations, train_loop_s = times["iterations"], times["train_loop_s"]
 
     t = time.perf_counter()
     trainer.set_deep_supervision_enabled(False)
@@ -235,6 +275,7 @@ def _run(args) -> None:
                                     [trainer.network.state_dict()], dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)
     out = work / "nnunet_predictions"
+    out.mkdir(exist_ok=True)
     predictor.predict_from_files_sequential(str(test_images), str(out), save_probabilities=False, overwrite=True)
     times["predict_s"] = time.perf_counter() - t
 
@@ -261,14 +302,24 @@ def _run(args) -> None:
                  "median_image_size_in_voxels": plan.get("median_image_size_in_voxels"),
                  "n_stages": len(plan.get("architecture", {}).get("arch_kwargs", {}).get("features_per_stage", [])),
                  "normalization": plan.get("normalization_schemes")},
-        "epochs": trainer.current_epoch, "iterations": iterations,
         "iterations_per_s": iterations / train_loop_s if train_loop_s else 0.0,
-        "seconds_per_epoch": train_loop_s / max(1, len(trainer.epoch_seconds)),
+        "cpu_seconds_per_iteration": times["train_cpu_s"] / iterations if iterations and times["train_cpu_s"] else None,
         "budget_s": args.budget, "seed": args.seed, "threads": args.threads, **times,
-        "ema_pseudo_dice": [float(x) for x in trainer.logger.my_fantastic_logging.get("ema_fg_dice", [])],
+        "ema_pseudo_dice": _ema_pseudo_dice(trainer),
+        "load_average": open("/proc/loadavg").read().split()[:3],
     }
     (work / "peer_result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "masks"}, indent=2))
+
+
+def _ema_pseudo_dice(trainer) -> list[float]:
+    """nnU-Net's per-epoch EMA of the validation-patch Dice (its logger moved in 2.6)."""
+    logger = getattr(trainer.logger, "local_logger", trainer.logger)
+    return [float(x) for x in getattr(logger, "my_fantastic_logging", {}).get("ema_fg_dice", [])]
+
+
+def _save_steps(work: Path, times: dict) -> None:
+    (work / "peer_steps.json").write_text(json.dumps(times, indent=2))
 
 
 def main() -> None:
@@ -286,7 +337,31 @@ def main() -> None:
         return
     masks = run_nnunet(args.train, args.test, args.work, args.budget, args.seed, args.threads)
     print(json.dumps({k: str(v) for k, v in masks.items()}, indent=2))
+    score(masks, args.work.resolve())
     print(f"details: {args.work.resolve() / 'peer_result.json'}")
+
+
+def score(masks: dict[str, Path], work: Path) -> None:
+    """ISLES'22 metrics of each mask against its label, where the test set came with labels
+    (a store, exported to work/test_raw), by the same code as stroke-ray's own validation."""
+    import nibabel as nib
+    import numpy as np
+
+    from stroke_ray.metrics import isles_metrics
+
+    labels = work / "test_raw" / "labelsTr"
+    rows = {}
+    for case, path in masks.items():
+        label = labels / f"{case}.nii.gz"
+        if not label.is_file():
+            continue
+        truth_img = nib.load(label)
+        truth = np.asarray(truth_img.dataobj) > 0
+        rows[case] = isles_metrics(np.asarray(nib.load(path).dataobj) > 0, truth, truth_img.header.get_zooms()[:3])
+        print(case, {k: round(v, 3) for k, v in rows[case].items()})
+    if rows:
+        means = {k: float(np.mean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
+        print("mean", {k: round(v, 3) for k, v in means.items()})
 
 
 if __name__ == "__main__":

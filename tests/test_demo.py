@@ -23,6 +23,9 @@ def demo(ray_local, tmp_path_factory):
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         first = run_demo(work, num_cases=3, num_samples=1, progress=True)
     first.printed = printed.getvalue()
+    # What a second run must leave alone: the cases' files and the trials' checkpoints.
+    first.files = {p: p.stat().st_mtime_ns for p in first.dataset.rglob("*.nii.gz")}
+    first.checkpoints = sorted(first.sweep_dir.glob("train/*/checkpoint_*"))
     second = run_demo(work, num_cases=3, num_samples=1, progress=False)
     return first, second
 
@@ -73,7 +76,9 @@ def test_a_second_run_reuses_everything(demo):
     from stroke_ray.tracking import client_for
 
     first, second = demo
-    assert second.seconds["dataset"] < 5 and second.seconds["sweep"] < first.seconds["sweep"] / 2
+    # Not regenerated, not retrained: the same files untouched, no new checkpoints.
+    assert first.files and {p: p.stat().st_mtime_ns for p in second.dataset.rglob("*.nii.gz")} == first.files
+    assert first.checkpoints and sorted(second.sweep_dir.glob("train/*/checkpoint_*")) == first.checkpoints
     client = client_for(second.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("stroke-ray-demo").experiment_id])
     assert len(runs) == 2  # the sweep's parent and its one trial, not a second set

@@ -31,6 +31,7 @@ SAMPLE = REPO.parent / "shared" / "data" / "isles22-sample"
 SUBJECT = "sub-strokecase0009"
 CLI = [str(Path(sys.executable).with_name("stroke-ray"))]
 VARIANTS = ("no-artefacts", "artefacts")
+LOW_THRESHOLD = 0.2
 
 
 def run(args: list[str], log: Path) -> str:
@@ -66,18 +67,36 @@ def train(work: Path, name: str, artefacts: bool, args) -> Path:
 
 
 def score_real(work: Path, name: str, checkpoint: Path) -> dict:
+    """Metrics of the model's mask on the real case, and where its probability goes: the
+    true lesion, the bright non-lesion DWI (> 1.5 x the brain median: the rims), the rest
+    of the brain. A short training may leave every voxel under 0.5; the probabilities
+    still show whether the model ranks the rims with the lesion or below it."""
     out = work / f"pred-{name}"
-    run(["predict", "-i", str(SAMPLE), "-o", str(out), "-m", str(checkpoint), "--device", "cpu"],
-        work / f"predict-{name}.log")
-    pred_path = next(out.rglob(f"{SUBJECT}*.nii.gz"))
+    run(["predict", "-i", str(SAMPLE), "-o", str(out), "-m", str(checkpoint), "--device", "cpu",
+         "--probability"], work / f"predict-{name}.log")
+    pred_path = next(out.rglob(f"{SUBJECT}*_mask.nii.gz"))
+    prob = nib.load(next(out.rglob(f"{SUBJECT}*_prob.nii.gz"))).get_fdata(dtype=np.float32)
     truth_img = nib.load(SAMPLE / "derivatives" / SUBJECT / "ses-0001" / f"{SUBJECT}_ses-0001_msk.nii.gz")
     truth = np.asarray(truth_img.dataobj) > 0
     pred = np.asarray(nib.load(pred_path).dataobj) > 0
-    metrics = isles_metrics(pred, truth, truth_img.header.get_zooms()[:3])
+    spacing = truth_img.header.get_zooms()[:3]
+    metrics = isles_metrics(pred, truth, spacing)
     tp, fp, fn = lesion_counts(pred, truth)
-    voxel_ml = float(np.prod(truth_img.header.get_zooms()[:3])) / 1000.0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    dwi = nib.load(SAMPLE / "rawdata" / SUBJECT / "ses-0001" / f"{SUBJECT}_ses-0001_dwi.nii.gz").get_fdata()
+    brain = dwi > 0
+    rims = brain & ~truth & (dwi > 1.5 * np.median(dwi[brain]))
+    rest = brain & ~truth & ~rims
+    low = prob >= LOW_THRESHOLD
+    tp_low, fp_low, fn_low = lesion_counts(low, truth)
     return {**metrics, "tp": tp, "fp_components": fp, "fn": fn,
-            "pred_ml": float(pred.sum()) * voxel_ml, "truth_ml": float(truth.sum()) * voxel_ml}
+            "pred_ml": float(pred.sum()) * voxel_ml, "truth_ml": float(truth.sum()) * voxel_ml,
+            "prob_lesion": float(prob[truth].mean()), "prob_rims": float(prob[rims].mean()),
+            "prob_rest": float(prob[rest].mean()),
+            "lesion_over_rims": float(prob[truth].mean() / max(prob[rims].mean(), 1e-6)),
+            f"dice@{LOW_THRESHOLD}": isles_metrics(low, truth, spacing)["dice"],
+            f"tp@{LOW_THRESHOLD}": tp_low, f"fp_components@{LOW_THRESHOLD}": fp_low,
+            f"fp_ml_on_rims@{LOW_THRESHOLD}": float((low & rims).sum()) * voxel_ml}
 
 
 def main() -> None:
@@ -88,6 +107,8 @@ def main() -> None:
     ap.add_argument("--widths", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64, 128],
                     help="U-Net channels per level (comma-separated)")
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "artefacts")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="score this checkpoint as the (single) variant instead of training it")
     ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
                     help="which models to train here (comma-separated; default both, one after the other)")
     args = ap.parse_args()
@@ -96,7 +117,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DISABLE_DASHBOARD", "1")
     for name in args.variants:
         t = time.perf_counter()
-        checkpoint = train(work, name, name == "artefacts", args)
+        checkpoint = args.checkpoint or train(work, name, name == "artefacts", args)
         row = score_real(work, name, checkpoint)
         row["seconds"] = time.perf_counter() - t
         (work / f"result-{name}.json").write_text(json.dumps(row, indent=2))
@@ -105,11 +126,12 @@ def main() -> None:
     rows = {name: json.loads((work / f"result-{name}.json").read_text())
             for name in VARIANTS if (work / f"result-{name}.json").is_file()}
     keys = ["dice", "lesion_f1", "tp", "fp_components", "fn", "pred_ml", "truth_ml", "abs_volume_diff_ml",
-            "seconds"]
+            "prob_lesion", "prob_rims", "prob_rest", "lesion_over_rims", f"dice@{LOW_THRESHOLD}",
+            f"tp@{LOW_THRESHOLD}", f"fp_components@{LOW_THRESHOLD}", f"fp_ml_on_rims@{LOW_THRESHOLD}", "seconds"]
     print(f"\nreal sample {SUBJECT}, models trained {args.epochs} x {args.steps} steps on {args.cases} cases")
-    print(f"{'':20s}" + "".join(f"{k:>16s}" for k in rows))
+    print(f"{'':26s}" + "".join(f"{k:>16s}" for k in rows))
     for key in keys:
-        print(f"{key:20s}" + "".join(f"{rows[r][key]:16.3f}" for r in rows))
+        print(f"{key:26s}" + "".join(f"{rows[r].get(key, float('nan')):16.3f}" for r in rows))
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
 
 

@@ -248,7 +248,8 @@ def tune(
     config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config YAML (default: built-in defaults)."),
     store: Optional[str] = typer.Option(None, help="Zarr store to train on (overrides data.store)."),
     name: Optional[str] = typer.Option(None, help="Sweep name (default: the space's name)."),
-    storage: str = typer.Option("runs", help="Folder (or URI) for sweep state, checkpoints and reports."),
+    storage: str = typer.Option(
+        "runs", help="Folder or URL (s3://bucket/runs) for sweep state, checkpoints and reports."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name."),
     num_samples: Optional[int] = typer.Option(None, min=1, help="Trials (overrides the space's num_samples)."),
     seed: int = typer.Option(0, help="Optuna sampler seed."),
@@ -259,11 +260,17 @@ def tune(
         False, "--promote", help="Make the best trial the champion even if it does not beat the current one.",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's trial tables and worker logs (else in <storage>/<name>/sweep.log)."),
+    cpus_per_trial: Optional[float] = typer.Option(
+        None, help="CPUs one trial's training workers hold in all (fractions allowed; overrides the space)."),
+    gpus_per_trial: Optional[float] = typer.Option(
+        None, help="GPUs per trial: 0.25 runs four trials on a GPU, 0 trains on CPUs (overrides the space)."),
 ) -> None:
     """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion when it beats the current one on the same held-out subjects (or with --promote)."""
     from stroke_ray.config import TrainConfig
-    from stroke_ray.search_space import SearchSpace
+    from stroke_ray.search_space import SearchSpace, TrialResources
     from stroke_ray.tune import run_sweep
+
+    resources = TrialResources.parse("stroke-ray tune", cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
 
     base = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
     if store is not None:
@@ -272,6 +279,7 @@ def tune(
         space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
         tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
         seed=seed, time_budget_s=time_budget, promote_best=promote, verbose=2 if verbose else 1,
+        resources=resources,
     )
     typer.echo(result.summary())
     if result.best is None:

@@ -130,6 +130,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+    # RAM for whole subject levels per data-loading process (the training worker itself, or
+    # each of its loader_workers): the hottest subjects stay in RAM, the rest are read
+    # straight from their chunks (docs/sampling.md). 0 = always read directly.
+    cache_gib: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -342,12 +346,24 @@ class TrainConfig(_Strict):
     val_overlap: float = Field(0.5, ge=0.0, lt=1.0)
     val_max_subjects: int | None = None
     storage_path: str = "runs"
-    cpus_per_worker: int = Field(1, ge=1)  # CPUs Ray reserves per training worker
+    # What Ray reserves per training worker. Fractions share a CPU or a GPU between workers of
+    # different trials (`gpus_per_trial: 0.25` in a search space puts four trials on a GPU);
+    # gpus_per_worker counts only with use_gpu.
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
     checkpoints_to_keep: int = Field(2, ge=1)
     overlay_every: int = Field(0, ge=0)  # log overlay images every k epochs; 0 = last epoch only
     tracking_uri: str | None = None  # None = sqlite:///<cwd>/mlflow.db
     experiment: str = "stroke-ray"
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        # Ray's rule for a task's GPUs: a fraction of one GPU, or whole GPUs.
+        if v > 1 and v != int(v):
+            raise ValueError(f"must be at most 1 (a share of one GPU) or a whole number, not {v}")
+        return v
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":

@@ -31,6 +31,7 @@ from stroke_ray.grid import (
     spacing_of,
 )
 from stroke_ray.intensity import NORMALIZATIONS
+from stroke_ray.locations import absolute
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
 from stroke_ray.store import NATIVE, LevelArrays, StrokeStore, check_output
 from stroke_ray.store_lock import writer_lock
@@ -316,6 +317,8 @@ def convert_dataset(
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
     levels = check_levels(levels)
+    # Ray tasks run in working directories of their own: local paths are made absolute here.
+    dataset, output = absolute(dataset), absolute(output)
     found = open_dataset(dataset, layout)
     chosen = found.resolve(modalities)
     cases, problems = found.discover(chosen, require_mask=True)

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stroke_ray.files import atomic_path
+from stroke_ray.locations import join, list_names, read_bytes, size_of, write_bytes
 
 __all__ = [
     "PINNED_RAY_VERSION",
@@ -80,39 +80,44 @@ def checkpoint_path_key() -> str:
     return CHECKPOINT_PATH_KEY
 
 
-def tune_trial_states(sweep_dir: Path) -> dict[str, tuple[str, bool]]:
+def _newest(sweep_dir: str | Path, prefix: str) -> str | None:
+    """The newest of Tune's `<prefix>*.json` state files in the sweep folder (local or URL)."""
+    names = [n for n in list_names(sweep_dir) if n.startswith(prefix) and n.endswith(".json")]
+    return join(sweep_dir, max(names)) if names else None
+
+
+def tune_trial_states(sweep_dir: str | Path) -> dict[str, tuple[str, bool]]:
     """trial id -> (status, reported anything) from Tune's newest experiment state file."""
-    states = sorted(Path(sweep_dir).glob("experiment_state-*.json"))
-    if not states:
+    newest = _newest(sweep_dir, "experiment_state-")
+    if newest is None:
         return {}
     out = {}
-    for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+    for entry in json.loads(read_bytes(newest)).get("trial_data", []):
         trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-        result = Path(sweep_dir) / str(trial.get("relative_logdir", "")) / "result.json"
-        out[trial.get("trial_id")] = (trial.get("status"), result.is_file() and result.stat().st_size > 0)
+        size = size_of(join(sweep_dir, str(trial.get("relative_logdir", "")), "result.json"))
+        out[trial.get("trial_id")] = (trial.get("status"), bool(size))
     return out
 
 
-def reopen_search(sweep_dir: Path, num_samples: int) -> None:
+def reopen_search(sweep_dir: str | Path, num_samples: int) -> None:
     """Let a restored search generate the trials an interrupted session did not start.
 
     Tune marks its search as finished when a session is stopped early (stopper, time
     budget), and restores that flag, so a resumed sweep would never create its missing
     trials. The flag is cleared (and the total raised when `num_samples` asks for more) in
-    Tune's newest search-generator state file, written the way Tune writes it.
+    Tune's newest search-generator state file, written the way Tune writes it (whole or not
+    at all, locally or on the object store holding the sweep).
 
     Args:
-        sweep_dir: the sweep's Tune experiment folder (`<storage>/<name>`).
+        sweep_dir: the sweep's Tune experiment folder (`<storage>/<name>`), a path or a URL.
         num_samples: the number of trials the resumed sweep should reach.
     """
     from ray import cloudpickle
 
-    states = sorted(Path(sweep_dir).glob("search_gen_state-*.json"))
-    if not states:
+    path = _newest(sweep_dir, "search_gen_state-")
+    if path is None:
         return
-    path = states[-1]
-    with open(path, "rb") as f:
-        state = cloudpickle.load(f)
+    state = cloudpickle.loads(read_bytes(path))
     trials = tune_trial_states(sweep_dir)
     # A trial the stopped session had only just launched is TERMINATED with no result and
     # Tune will not run it again: the search makes a replacement for each.
@@ -127,8 +132,7 @@ def reopen_search(sweep_dir: Path, num_samples: int) -> None:
         unfinished = {t for t, (status, _) in trials.items() if status != "TERMINATED"}
         limiter["live_trials"] = {t for t in limiter["live_trials"] if t in unfinished}
         limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        cloudpickle.dump(state, f)
+    write_bytes(path, cloudpickle.dumps(state))
 
 
 def set_stop_conditions(tuner, stopper, time_budget_s: float | None, callbacks: list) -> None:

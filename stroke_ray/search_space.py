@@ -16,19 +16,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stroke_ray.config import TrainConfig, read_yaml
 from stroke_ray.errors import ConfigError
 from stroke_ray.resources import search_space_file
 
-__all__ = ["DISTRIBUTIONS", "SPACE_KEYS", "Parameter", "SearchSpace"]
+__all__ = ["DISTRIBUTIONS", "SPACE_KEYS", "Parameter", "SearchSpace", "TrialResources"]
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "intlog")
 SPACE_KEYS = {
     "name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
-    "reduction_factor", "fixed", "parameters",
+    "reduction_factor", "fixed", "parameters", "cpus_per_trial", "gpus_per_trial",
 }
+
+
+class TrialResources(BaseModel):
+    """What one trial's Train workers hold, in all: CPUs and GPUs per trial (fractions allowed).
+
+    None keeps the base config's per-worker settings. A trial's `num_workers` workers split
+    them evenly (`cpus_per_worker = cpus_per_trial / num_workers`); `gpus_per_trial: 0`
+    trains on CPUs, anything above turns `use_gpu` on. The trial's driver holds 0.01 CPU
+    beside them (`tune.DRIVER_CPU`). This model is the one place both settings are checked,
+    whether they come from a search-space file or from `stroke-ray tune`'s flags.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    cpus_per_trial: float | None = Field(None, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _ray_gpu_rule(self) -> "TrialResources":
+        gpus = self.gpus_per_trial
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"gpus_per_trial: a share of one GPU (<= 1) or whole GPUs, not {gpus}")
+        return self
+
+    @classmethod
+    def parse(cls, source: str, **values: Any) -> "TrialResources":
+        """Validated resources; a bad value raises ConfigError naming `source` and the key."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'resources'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{source}: {problems}") from None
+
+    def merged(self, other: "TrialResources") -> "TrialResources":
+        """These settings with `other`'s set values on top (CLI flags over the file)."""
+        return TrialResources(**{**self.model_dump(), **other.model_dump(exclude_none=True)})
+
+    def apply(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with the trial's resources split over its workers.
+
+        Raises:
+            ConfigError: a GPU share per worker that Ray cannot grant (e.g. 1.5).
+        """
+        update: dict[str, Any] = {}
+        if self.cpus_per_trial is not None:
+            update["cpus_per_worker"] = self.cpus_per_trial / cfg.num_workers
+        if self.gpus_per_trial is not None:
+            update["use_gpu"] = self.gpus_per_trial > 0
+            if self.gpus_per_trial > 0:
+                update["gpus_per_worker"] = self.gpus_per_trial / cfg.num_workers
+        if not update:
+            return cfg
+        return TrainConfig.from_dict({**cfg.model_dump(), **update}, source="trial resources")
 
 
 def _leaf_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[str, Any]:
@@ -122,6 +174,7 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = "search space"
+    resources: TrialResources = field(default_factory=TrialResources)
 
     # -- loading and validation -----------------------------------------------------
 
@@ -182,6 +235,9 @@ class SearchSpace:
             fixed=dict(fixed),
             description=str(raw.get("description", "")),
             source=source,
+            resources=TrialResources.parse(
+                source, cpus_per_trial=raw.get("cpus_per_trial"), gpus_per_trial=raw.get("gpus_per_trial")
+            ),
         )
 
     # -- sampling ---------------------------------------------------------------------
@@ -206,7 +262,7 @@ class SearchSpace:
         return {k: by_name[k].decode(v) if k in by_name else v for k, v in params.items()}
 
     def trial_config(self, base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-        """base config + fixed values + max_epochs + one trial's sampled values."""
+        """base config + fixed values + max_epochs + one trial's sampled values + resources."""
         tree = base.model_dump()
         for key, value in self.fixed.items():
             _set_path(tree, key, value)
@@ -218,7 +274,7 @@ class SearchSpace:
             implied = by_name[key].implies if key in by_name else {}
             for other, other_value in implied.get(value, {}).items() if _primitive(value) else ():
                 _set_path(tree, other, other_value)
-        return TrainConfig.from_dict(tree, source=f"{self.source}: trial config")
+        return self.resources.apply(TrainConfig.from_dict(tree, source=f"{self.source}: trial config"))
 
     def levels(self, base: TrainConfig) -> set[str]:
         """Every store level a trial of this space can train on."""

@@ -18,8 +18,7 @@ from typing import Any
 import yaml
 
 from stroke_ray.config import TrainConfig, flatten
-from stroke_ray.files import atomic_write_text
-from stroke_ray.locations import exists
+from stroke_ray.locations import exists, storage_uri, write_text
 from stroke_ray.ray_compat import checkpoint_path_key
 from stroke_ray.search_space import SearchSpace
 
@@ -47,8 +46,12 @@ def error_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def summarise(result, space: SearchSpace) -> TrialSummary:
-    """One Tune Result -> the trial's best epoch (by the space's metric) and its checkpoint."""
+def summarise(result, space: SearchSpace, storage: str | None = None) -> TrialSummary:
+    """One Tune Result -> the trial's best epoch (by the space's metric) and its checkpoint.
+
+    `storage` is the sweep's storage location: Ray reports a checkpoint by its path inside
+    that filesystem, which becomes a location of its own (`locations.storage_uri`).
+    """
     checkpoint_key = checkpoint_path_key()
     config = result.config or {}
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -67,6 +70,7 @@ def summarise(result, space: SearchSpace) -> TrialSummary:
             if checkpoint_key in df:
                 # Prefer the best epoch's checkpoint; Train may have pruned it, then the last.
                 candidates = [row.get(checkpoint_key)] + list(df[checkpoint_key].dropna()[::-1])
+                candidates = [storage_uri(storage, c) if storage and isinstance(c, str) else c for c in candidates]
                 checkpoint = next((c for c in candidates if isinstance(c, str) and exists(c)), None)
     status = "ERROR" if result.error else ("TERMINATED" if epochs else "NOT RUN")
     return TrialSummary(
@@ -106,9 +110,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(path: Path, space: SearchSpace, trials: list[TrialSummary], best: TrialSummary | None,
+def write_report(path: Path | str, space: SearchSpace, trials: list[TrialSummary], best: TrialSummary | None,
                  best_config: TrainConfig | None, importances: dict[str, float]) -> str:
-    """A markdown report of the sweep: trials table, best config, parameter importances."""
+    """A markdown report of the sweep (trials table, best config, parameter importances),
+    written whole to `path`, a local file or an object-store URL."""
     names = [p.name for p in space.parameters]
     ordered = sorted(trials, key=lambda t: (t.metric is None, -(t.metric or 0) if space.mode == "max" else (t.metric or 0)))
     lines = [
@@ -141,5 +146,5 @@ def write_report(path: Path, space: SearchSpace, trials: list[TrialSummary], bes
     if errors:
         lines += ["", "## Errors", ""] + [f"- {t.trial_id}: {t.error}" for t in errors]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(path, text)
+    write_text(path, text)
     return text

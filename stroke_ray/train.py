@@ -126,8 +126,23 @@ def validate(
 # --- the loop ------------------------------------------------------------------------------
 
 
+class _Laps:
+    """Seconds between successive marks: where a worker's start-up goes (reported as
+    `startup_*` metrics with the first epoch; benchmarks/bench_sweep.py reads them)."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"startup_{name}_s"] = now - self.last
+        self.last = now
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker's training. `config` = {"train": TrainConfig dict, "tracking": {...}}."""
+    t_entry, laps = time.time(), _Laps()
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -142,6 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from stroke_ray.splits import split_subjects, validation_subjects
     from stroke_ray.store import StrokeStore
 
+    laps.mark("imports")
+    if "built_at" in config:  # trainer built -> this worker running: Train controller and worker start
+        laps.laps["startup_workers_s"] = t_entry - config["built_at"]
     t_start = time.perf_counter()
     cfg = TrainConfig.from_dict(config["train"])
     track = config.get("tracking") or {}
@@ -156,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_subjects, _ = split_subjects(store.subjects(), cfg.data.val_fraction, cfg.data.split_seed)
     val_subjects = validation_subjects(store.subjects(), cfg.data.val_fraction, cfg.data.split_seed,
                                        cfg.val_max_subjects)
+    laps.mark("store")
 
     # model, loss, optimizer; identical initial weights on every worker (DDP also broadcasts)
     torch.manual_seed(cfg.seed)
@@ -179,6 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         resumed_metrics = dict(state.get("metrics") or {})
     model = ray.train.torch.prepare_model(model, move_to_device=False)
+    laps.mark("model")
 
     # tracking: rank 0 only, explicit run id, params once per run
     client = run_id = None
@@ -191,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # A crash between the checkpoint and its MLflow logging would leave a gap in the
             # curves; the checkpoint carries that epoch's metrics (already-logged ones are skipped).
             tracking.log_metrics(client, run_id, resumed_metrics, step=start_epoch - 1)
+    laps.mark("tracking")
 
     # an endless patch stream; reseeded on resume so a restart does not replay the same patches
     loader = make_loader(
@@ -237,6 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step_s += t2 - t1
             if first_step_s is None:
                 first_step_s = t2 - t_start
+                laps.laps["startup_first_batch_s"] = t1 - t0
         train_loss = _all_reduce_sum([loss_sum / cfg.steps_per_epoch], device)[0] / world
 
         # validation on whole held-out volumes, sharded over workers, summed with all-reduce
@@ -259,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_time_s": val_s,
             "epoch_time_s": time.perf_counter() - t_epoch,
             "first_step_s": first_step_s,
+            **(laps.laps if epoch == start_epoch else {}),
         }
         # Every rank stops at the same epoch (DDP would hang otherwise): the slowest decides.
         spent, out_of_budget = _all_reduce_sum([budget.spent(), float(budget.exhausted())], device)
@@ -313,11 +336,13 @@ def check_store(url: str, levels: Iterable[str]) -> None:
             raise ConfigError(f"data.level: {level!r} is not in the store {url} (levels: {', '.join(store.levels)})")
 
 
-def check_inputs(cfg: TrainConfig) -> None:
-    """Fail in the driver, with one clear line, on a config the workers could not train."""
+def check_inputs(cfg: TrainConfig, store: bool = True) -> None:
+    """Fail in the driver, with one clear line, on a config the workers could not train
+    (`store=False`: the store was checked already, e.g. once for a whole sweep)."""
     from stroke_ray.models import size_multiple
 
-    check_store(cfg.data.store, [cfg.data.level])
+    if store:
+        check_store(cfg.data.store, [cfg.data.level])
     multiple = size_multiple(cfg.model)
     if any(edge % multiple for edge in cfg.data.patch):
         raise ConfigError(f"data.patch_size: {cfg.data.patch_size} is not a multiple of {multiple} (2 ** (len(model.widths) - 1)) on every axis")
@@ -332,12 +357,14 @@ def build_trainer(
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
     train_loop: Callable[[dict], None] | None = None,
+    store_checked: bool = False,
 ):
     """A TorchTrainer for `cfg`; `fit()` it. Same name + storage path = resume.
 
     `callbacks` go to RunConfig (e.g. Tune's report callback); with `mlflow_run_id`,
     rank 0 logs params, metrics and overlays into that run. `train_loop` replaces
-    `train_loop_per_worker` (it receives the same config dict).
+    `train_loop_per_worker` (it receives the same config dict). `store_checked=True` skips
+    opening the store here (a sweep checks it once for all its trials).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -347,13 +374,14 @@ def build_trainer(
 
     data = cfg.data.model_copy(update={"store": absolute(cfg.data.store)})
     cfg = cfg.model_copy(update={"data": data})
-    check_inputs(cfg)
+    check_inputs(cfg, store=not store_checked)
     use_gpu = cfg.use_gpu
     if use_gpu is None:
         use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "tracking": {"uri": tracking_uri or cfg.tracking_uri or default_tracking_uri(), "run_id": mlflow_run_id},
+        "built_at": time.time(),  # workers report how long they took to start (startup_workers_s)
     }
     return TorchTrainer(
         train_loop or train_loop_per_worker,
@@ -361,7 +389,7 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=bool(use_gpu),
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})},
         ),
         run_config=RunConfig(
             name=run_name or cfg.name,

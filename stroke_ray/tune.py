@@ -8,16 +8,18 @@ conditional parameters) and ASHA (early stopping) see every epoch.
 
 On disk, everything of a sweep lives under `<storage>/<name>/`: Tune's own state (what makes
 `resume=True` work), `train/` (one Ray Train run per trial), `best/` (the winning checkpoint
-and config) and `report.md` (`sweep_report`). In MLflow there is one parent run per sweep
+and config) and `report.md` (`sweep_report`). `<storage>` is a local or shared folder or an
+object-store URL (`s3://bucket/runs`): Ray writes its part through pyarrow filesystems, and
+stroke-ray writes `best/` and the report through the same ones (`locations.write_bytes`). In MLflow there is one parent run per sweep
 and one nested run per trial (`tracking.sweep_parent_run`, `tracking.trial_run`), both
 found again by tags on resume so nothing is logged twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,12 @@ from stroke_ray import ray_compat, tracking
 from stroke_ray.checkpoint import CHECKPOINT_FILE
 from stroke_ray.config import TrainConfig, flatten
 from stroke_ray.console import SweepProgress, ray_output_to
-from stroke_ray.errors import ConfigError, StrokeRayError
-from stroke_ray.files import atomic_path, atomic_write_text
-from stroke_ray.locations import absolute, is_url
+from stroke_ray.errors import StrokeRayError
+from stroke_ray.locations import absolute, is_url, join, write_bytes, write_text
 from stroke_ray.model_ref import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
 from stroke_ray.resources import search_space_file
-from stroke_ray.search_space import SearchSpace
+from stroke_ray.search_space import SearchSpace, TrialResources
 from stroke_ray.sweep_figures import log_sweep_figures
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
 from stroke_ray.train import build_trainer, check_store
@@ -56,16 +57,18 @@ DRIVER_CPU = 0.01
 
 
 def trial_concurrency(cfg: TrainConfig, resources: dict[str, float] | None = None) -> int:
-    """How many trials fit at once: available CPUs (or GPUs) / what one trial holds."""
+    """How many trials fit at once: the fewest of available CPUs (and GPUs) / what one trial holds."""
     resources = resources if resources is not None else ray.available_resources()
     gpus = resources.get("GPU", 0.0)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
-    if use_gpu:
-        return max(1, math.floor(gpus / cfg.num_workers))
     # Each trial's driver holds DRIVER_CPU beside its workers: with 2 CPUs and 1-CPU trials,
-    # two trials need 2.02 CPUs and the second worker group would wait forever.
-    per_trial = cfg.num_workers * getattr(cfg, "cpus_per_worker", 1) + DRIVER_CPU
-    return max(1, math.floor(resources.get("CPU", 1.0) / per_trial + 1e-9))
+    # two trials need 2.02 CPUs and the second worker group would wait forever. The 1e-9
+    # absorbs float error in fractional settings (4 x 0.25 GPU is 1 GPU).
+    per_trial = cfg.num_workers * cfg.cpus_per_worker + DRIVER_CPU
+    fit = math.floor(resources.get("CPU", 1.0) / per_trial + 1e-9)
+    if use_gpu:
+        fit = min(fit, math.floor(gpus / (cfg.num_workers * cfg.gpus_per_worker) + 1e-9))
+    return max(1, fit)
 
 
 # --------------------------------------------------------------------------- trial driver
@@ -104,9 +107,10 @@ class _TrialDriver:
         trainer = build_trainer(
             cfg,
             run_name=f"trial-{trial_id}",
-            storage_path=os.path.join(self.sweep_dir, "train"),
+            storage_path=join(self.sweep_dir, "train"),
             callbacks=[TuneReportCallback()],
             mlflow_run_id=run_id,
+            store_checked=True,  # run_sweep checked the store and every level a trial can use
         )
         try:
             trainer.fit()
@@ -155,19 +159,20 @@ class SweepResult:
     """What a sweep produced, and where."""
 
     name: str
-    path: Path  # <storage>/<name>
+    path: Path | str  # <storage>/<name>: a Path for local storage, a URL string otherwise
     metric: str
     mode: str
     trials: list[TrialSummary]
     best: TrialSummary | None
     best_config: TrainConfig | None
-    best_checkpoint: Path | None  # <storage>/<name>/best/checkpoint.pt
+    best_checkpoint: Path | str | None  # <storage>/<name>/best/checkpoint.pt
     parent_run_id: str
     model_version: str | None  # the best trial's registry version (champion or not)
     importances: dict[str, float]
-    report_path: Path
+    report_path: Path | str
     seconds: float
     promotion: Promotion | None = None
+    log_path: Path | str | None = None  # <storage>/<name>/sweep.log
 
     def summary(self) -> str:
         lines = [f"sweep {self.name}: {len(self.trials)} trials in {self.seconds:.0f} s -> {self.path}"]
@@ -177,7 +182,8 @@ class SweepResult:
         if self.promotion is not None:
             lines.append(self.promotion.line())
         lines.append(f"report: {self.report_path}")
-        lines.append(f"Ray's log: {self.path / SWEEP_LOG}")
+        if self.log_path is not None:
+            lines.append(f"Ray's log: {self.log_path}")
         return "\n".join(lines)
 
 
@@ -199,17 +205,23 @@ def _promote(client, run_id: str, checkpoint: Path, config: TrainConfig, score: 
     return promote(client, run_id, checkpoint, held_out, force=force, evaluate=evaluate)
 
 
-def _export_checkpoint(src: str, dest_dir: Path) -> Path:
-    """Copy the winning Train checkpoint's checkpoint.pt to <sweep>/best/ (atomically)."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / CHECKPOINT_FILE
+def _as_location(location: str) -> Path | str:
+    """A Path for a local location (what callers of a local sweep get), a URL string otherwise."""
+    return location if is_url(location) else Path(location)
+
+
+def _export_checkpoint(src: str, dest_dir: str, local_dir: Path) -> Path:
+    """Copy the winning Train checkpoint's checkpoint.pt to <sweep>/best/ (whole or not at all)
+    and to `local_dir`; returns the local copy (for MLflow)."""
     with Checkpoint(path=src).as_directory() as local:
         source = Path(local) / CHECKPOINT_FILE
         if not source.exists():
             raise StrokeRayError(f"{src}: checkpoint directory has no {CHECKPOINT_FILE}")
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(source, tmp)
-    return dest
+        data = source.read_bytes()
+    write_bytes(join(dest_dir, CHECKPOINT_FILE), data)
+    copy = local_dir / CHECKPOINT_FILE
+    copy.write_bytes(data)
+    return copy
 
 
 def _best_trial(space: SearchSpace, trials: list[TrialSummary]) -> TrialSummary | None:
@@ -224,7 +236,7 @@ def _best_trial(space: SearchSpace, trials: list[TrialSummary]) -> TrialSummary 
 # --------------------------------------------------------------------------- the sweep
 
 
-def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, storage: Path, *,
+def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, storage: str, *,
                num_samples: int, seed: int, max_concurrent: int | None, time_budget_s: float | None,
                stopper, verbose: int, callbacks: list):
     # `verbose` is Tune's own level: its tables go to the console or to the sweep log.
@@ -251,7 +263,7 @@ def _new_tuner(trainable, space: SearchSpace, probe: TrainConfig, name: str, sto
             time_budget_s=time_budget_s,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), stop=stopper, verbose=verbose,
+            name=name, storage_path=storage, stop=stopper, verbose=verbose,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
@@ -275,6 +287,7 @@ def run_sweep(
     register: bool = True,
     promote_best: bool = False,
     verbose: int = 1,
+    resources: TrialResources | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep and export, register and report its best trial.
 
@@ -284,44 +297,42 @@ def run_sweep(
 
     `resume=True` continues `<storage_path>/<name>` when Tune left state there (finished
     trials are kept, unfinished and errored ones run again) and starts afresh otherwise.
-    `time_budget_s` / `stopper` end a sweep early; it can then be resumed.
+    `time_budget_s` / `stopper` end a sweep early; it can then be resumed. `storage_path`
+    may be a URL (`s3://bucket/runs`). `resources` (CPUs/GPUs per trial) override the
+    space file's.
 
     `verbose`: 0 prints nothing, 1 one progress line (`console.SweepProgress`), 2 Ray's own
     trial tables and worker logs on the console. At 0 and 1 those go to
     `<storage_path>/<name>/sweep.log` (`SWEEP_LOG`).
 
     Raises:
-        ConfigError: the search space, the base config or a storage URL is not usable.
+        ConfigError: the search space or the base config is not usable.
         StrokeRayError: the store cannot be trained on, or a sweep of that name exists.
     """
     started = time.time()
     space_file = search_space_file(space_file)
     space = SearchSpace.load(space_file)
-    if is_url(storage_path):
-        # Tune state under a URL needs pyarrow filesystems end to end; refuse rather than
-        # write "s3://..." as a local folder that dies with this node.
-        raise ConfigError(f"{storage_path}: sweep storage must be a local or shared folder, not a URL")
-    storage = Path(absolute(storage_path))
-    sweep_dir = storage / name
+    if resources is not None:
+        space = dataclasses.replace(space, resources=space.resources.merged(resources))
+    storage = absolute(storage_path)
+    sweep_dir = join(storage, name)
     tracking_uri = tracking_uri or base_config.tracking_uri or tracking.default_tracking_uri()
     # Tune runs each trial in its own working directory: make a local store path absolute.
-    store = base_config.data.store
-    if not is_url(store) and not Path(store).is_absolute():
-        base_config = base_config.model_copy(deep=True)
-        base_config.data.store = absolute(store)
+    base_config = base_config.model_copy(deep=True)
+    base_config.data.store = absolute(base_config.data.store)
     # The trials' configs and the store must validate before any compute is spent on them.
     probe = space.trial_config(base_config, {})
     check_store(probe.data.store, sorted(space.levels(base_config)))
     total = num_samples or space.num_samples
 
     connect(address)
-    restoring = resume and tune.Tuner.can_restore(str(sweep_dir))
-    if not restoring and sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir)):
+    restoring = resume and tune.Tuner.can_restore(sweep_dir)
+    if not restoring and tune.Tuner.can_restore(sweep_dir):
         raise StrokeRayError(f"{sweep_dir}: a sweep named {name!r} already exists there; resume it or pick another name")
 
     client = tracking.client_for(tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, base_config.experiment)
-    parent_id = tracking.sweep_parent_run(client, experiment_id, str(sweep_dir), name, reuse=restoring)
+    parent_id = tracking.sweep_parent_run(client, experiment_id, sweep_dir, name, reuse=restoring)
     if not restoring:  # a resumed sweep keeps its original settings (and params)
         tracking.log_params_flat(client, parent_id, {
             "space": space.name, "space_file": str(space_file), "metric": space.metric, "mode": space.mode,
@@ -329,7 +340,7 @@ def run_sweep(
         })
         client.log_artifact(parent_id, str(space_file), artifact_path="search_space")
 
-    driver = _TrialDriver(space, base_config.model_dump(), str(sweep_dir), tracking_uri, base_config.experiment, parent_id)
+    driver = _TrialDriver(space, base_config.model_dump(), sweep_dir, tracking_uri, base_config.experiment, parent_id)
     trainable = tune.with_resources(driver, {"CPU": DRIVER_CPU})
     callbacks = [_TrialCleanup(tracking_uri, base_config.experiment, parent_id)]
     if verbose == 1:
@@ -337,38 +348,47 @@ def run_sweep(
     ray_compat.release_orphaned_train_groups({"CPU": DRIVER_CPU})  # left by an interrupted session
     if restoring:
         ray_compat.reopen_search(sweep_dir, total)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True, restart_errored=False)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True, restart_errored=False)
         ray_compat.set_stop_conditions(tuner, stopper, time_budget_s, callbacks)
     else:
         tuner = _new_tuner(trainable, space, probe, name, storage, num_samples=total, seed=seed,
                            max_concurrent=max_concurrent, time_budget_s=time_budget_s, stopper=stopper,
                            verbose=1, callbacks=callbacks)
-    with ray_output_to(None if verbose >= 2 else sweep_dir / SWEEP_LOG):
+    # Ray's output goes to a local file; beside an object-store sweep it is uploaded afterwards.
+    log = join(sweep_dir, SWEEP_LOG)
+    local_log = Path(tempfile.gettempdir()) / f"stroke-ray-{name}-{SWEEP_LOG}" if is_url(log) else Path(log)
+    with ray_output_to(None if verbose >= 2 else local_log):
         grid = tuner.fit()
+    if is_url(log) and local_log.is_file():
+        write_bytes(log, local_log.read_bytes())
 
-    trials = [summarise(r, space) for r in grid]
+    trials = [summarise(r, space, storage) for r in grid]
     best = _best_trial(space, trials)
     best_config = space.trial_config(base_config, best.params) if best else None
     best_checkpoint = None
     model_version = None
     promotion = None
     if best is not None:
-        best_checkpoint = _export_checkpoint(best.checkpoint, sweep_dir / "best")
-        atomic_write_text(sweep_dir / "best" / "config.yaml", yaml.safe_dump(best_config.model_dump(), sort_keys=False))
-        best_run = tracking.find_run_by_tags(client, experiment_id, {tracking.PARENT_TAG: parent_id, tracking.TAG_TRIAL: best.trial_id})
-        client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
-        client.log_metric(parent_id, f"best_{space.metric}", best.metric)
-        if best_run is not None:
-            client.set_tag(parent_id, "stroke_ray.best_run_id", best_run.info.run_id)
-            if register:
-                promotion = _promote(client, best_run.info.run_id, best_checkpoint, best_config, best.metric,
-                                     space, force=promote_best)
-                model_version = promotion.version
+        best_dir = join(sweep_dir, "best")
+        with tempfile.TemporaryDirectory() as tmp:
+            local_best = _export_checkpoint(best.checkpoint, best_dir, Path(tmp))
+            write_text(join(best_dir, "config.yaml"), yaml.safe_dump(best_config.model_dump(), sort_keys=False))
+            best_checkpoint = _as_location(join(best_dir, CHECKPOINT_FILE))
+            best_run = tracking.find_run_by_tags(
+                client, experiment_id, {tracking.PARENT_TAG: parent_id, tracking.TAG_TRIAL: best.trial_id})
+            client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
+            client.log_metric(parent_id, f"best_{space.metric}", best.metric)
+            if best_run is not None:
+                client.set_tag(parent_id, "stroke_ray.best_run_id", best_run.info.run_id)
+                if register:
+                    promotion = _promote(client, best_run.info.run_id, local_best, best_config, best.metric,
+                                         space, force=promote_best)
+                    model_version = promotion.version
 
     importances = param_importances(space, trials)
-    report_path = sweep_dir / "report.md"
+    report_path = join(sweep_dir, "report.md")
     text = write_report(report_path, space, trials, best, best_config, importances)
-    client.log_artifact(parent_id, str(report_path))
+    client.log_text(parent_id, text, "report.md")
     for k, v in importances.items():
         client.log_metric(parent_id, f"importance.{k}", v)
     log_sweep_figures(client, parent_id, space, trials, importances)
@@ -379,8 +399,9 @@ def run_sweep(
     if verbose >= 2:
         print(text)
     return SweepResult(
-        name=name, path=sweep_dir, metric=space.metric, mode=space.mode, trials=trials, best=best,
+        name=name, path=_as_location(sweep_dir), metric=space.metric, mode=space.mode, trials=trials, best=best,
         best_config=best_config, best_checkpoint=best_checkpoint, parent_run_id=parent_id,
-        model_version=model_version, importances=importances, report_path=report_path, promotion=promotion,
+        model_version=model_version, importances=importances, report_path=_as_location(report_path),
+        promotion=promotion, log_path=None if verbose >= 2 else _as_location(log),
         seconds=time.time() - started,
     )

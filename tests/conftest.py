@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 os.environ.setdefault("RAY_ACCEPT_CLOUD_STORAGE_CONFIG", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -91,3 +97,67 @@ def new_mlflow_uri(_mlflow_template):
         return f"sqlite:///{folder / 'mlflow.db'}"
 
     return make
+
+
+@dataclass
+class S3Server:
+    """A local S3-compatible server: its endpoint, a bucket, and the environment that points
+    boto3, s3fs (Zarr) and pyarrow (Ray Train/Tune) at it."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a free port), with one bucket; stopped at the end.
+
+    The credentials are dummies; `AWS_ENDPOINT_URL` is what botocore (boto3, s3fs) and
+    pyarrow's S3 filesystem read to reach an S3-compatible endpoint. They are set in this
+    process for the session and passed to child processes by the tests that start them.
+    """
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto S3 server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="stroke-ray-test")
+    try:
+        yield S3Server(endpoint, "stroke-ray-test", env)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

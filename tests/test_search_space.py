@@ -11,7 +11,7 @@ import yaml
 from stroke_ray.config import AUGMENT_PRESETS, TrainConfig
 from stroke_ray.errors import ConfigError
 from stroke_ray.resources import search_space_file
-from stroke_ray.search_space import SearchSpace
+from stroke_ray.search_space import SearchSpace, TrialResources
 from stroke_ray.sweep_report import TrialSummary, param_importances
 
 SPACES = Path(search_space_file("default")).parent
@@ -210,3 +210,36 @@ def test_search_space_accepts_nested_augment_fields():
     assert cfg.resolved().elastic.p == 0.2 and cfg.resolved().gamma.p == AUGMENT_PRESETS["strong"]["gamma"]["p"]
     with pytest.raises(ConfigError, match="augment.elastic.p"):
         SearchSpace.from_dict({"parameters": {"augment.elastic.p": {"choice": [0.1, 3.0]}}})
+
+
+def test_trial_resources_split_over_workers_and_pack_trials():
+    from stroke_ray.tune import trial_concurrency
+
+    space = SearchSpace.from_dict({
+        "gpus_per_trial": 0.25, "cpus_per_trial": 3,
+        "parameters": {"optim.lr": {"loguniform": [1e-4, 1e-2]}},
+    })
+    cfg = space.trial_config(TrainConfig(), {})
+    assert cfg.use_gpu is True and cfg.gpus_per_worker == 0.25 and cfg.cpus_per_worker == 3.0
+    # g5.4xlarge: 16 vCPUs, 1 A10G: four 0.25-GPU trials of 3 CPUs (+ 0.01 each for the driver)
+    assert trial_concurrency(cfg, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert trial_concurrency(cfg, {"CPU": 8.0, "GPU": 1.0}) == 2  # g5.2xlarge: CPUs bound it
+    two = space.trial_config(TrainConfig(num_workers=2), {})
+    assert two.gpus_per_worker == 0.125 and two.cpus_per_worker == 1.5
+    # CLI flags over the file; 0 GPUs trains on CPUs with fractional CPUs
+    cpu = space.resources.merged(TrialResources(gpus_per_trial=0, cpus_per_trial=0.5)).apply(TrainConfig())
+    assert cpu.use_gpu is False and cpu.cpus_per_worker == 0.5
+    assert trial_concurrency(cpu, {"CPU": 2.0}) == 3  # 3 x (0.5 + 0.01) <= 2
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"gpus_per_trial": 1.5}, "gpus_per_trial"),
+    ({"gpus_per_trial": -1}, "gpus_per_trial"),
+    ({"cpus_per_trial": 0}, "cpus_per_trial"),
+    ({"cpus_per_trial": "many"}, "cpus_per_trial"),
+])
+def test_bad_trial_resources_fail_naming_the_file_and_key(raw, words):
+    with pytest.raises(ConfigError, match=f"space.yaml: .*{words}"):
+        SearchSpace.from_dict({**raw, "parameters": {"optim.lr": {"uniform": [0.1, 0.2]}}}, source="space.yaml")
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        TrainConfig.from_dict({"gpus_per_worker": 2.5})

@@ -1,8 +1,10 @@
 """The training patch stream: patches cut from a stroke-ray store, endlessly.
 
 `PatchDataset` is an endless `IterableDataset`: every Ray Train rank and every DataLoader
-worker draws its own reproducible stream, reads a subject's level arrays once per visit into
-a small per-worker cache bounded in bytes, and cuts `samples_per_volume` patches from RAM.
+worker draws its own reproducible stream from its own shard of the subjects
+(`shard_subjects`) and cuts `samples_per_volume` patches per visit of a subject: from RAM
+when the per-worker cache (`subject_cache`, the hottest subjects within a byte budget)
+holds the subject, else straight from the chunks those patches touch (`chunk_reader`).
 Where patches come from is the sampler's business (`stroke_ray.samplers`); which subjects
 train is the split's (`stroke_ray.splits`).
 """
@@ -10,13 +12,14 @@ train is the split's (`stroke_ray.splits`).
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stroke_ray.chunk_reader import ChunkReader
 from stroke_ray.config import DataConfig
 from stroke_ray.integral import integral_volume
 from stroke_ray.samplers import (
@@ -27,11 +30,36 @@ from stroke_ray.samplers import (
     as_triple,
     build_sampler,
 )
+from stroke_ray.subject_cache import SubjectCache
 
-__all__ = ["PatchDataset", "make_loader", "cut_patch"]
+__all__ = ["PatchDataset", "make_loader", "cut_patch", "shard_subjects"]
 
 
 log = logging.getLogger(__name__)
+
+
+# --- which subjects a stream draws from ----------------------------------------------------
+def shard_subjects(subjects: list[str], rank: int, world_size: int, worker: int = 0,
+                   num_workers: int = 1) -> list[str]:
+    """The subjects stream (rank, worker) draws from: disjoint shards whenever possible.
+
+    Stream `rank * num_workers + worker` of `world_size * num_workers` takes every n-th
+    subject of the (sorted) list, so no two streams share a subject and each shard differs
+    in size by at most one. With fewer subjects than streams, the shards are per rank (the
+    DataLoader workers of a rank share its shard and differ by seed); with fewer subjects
+    than ranks every stream takes them all (still distinct: every stream has its own seed).
+
+    Args:
+        subjects: the training subjects (every rank must pass the same list).
+        rank, world_size: this Ray Train worker and how many there are.
+        worker, num_workers: this DataLoader worker of the rank and how many there are.
+    """
+    streams = world_size * num_workers
+    if len(subjects) >= streams:
+        return list(subjects)[rank * num_workers + worker :: streams]
+    if len(subjects) >= world_size:
+        return list(subjects)[rank::world_size]
+    return list(subjects)
 
 
 # --- patch cutting -------------------------------------------------------------------------
@@ -57,41 +85,18 @@ def cut_patch(volume: np.ndarray, corner: Triple, patch: Triple, fill: np.ndarra
     return out
 
 
-class _ByteLRU:
-    """Least-recently-used cache bounded by the total bytes of its numpy values."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, tuple[np.ndarray, ...]] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: str):
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: str, value: tuple[np.ndarray, ...]) -> None:
-        size = sum(v.nbytes for v in value)
-        if key in self._items or size > self.max_bytes:
-            return
-        self._items[key] = value
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= sum(v.nbytes for v in old)
-
-
 # --- the patch stream ----------------------------------------------------------------------
 class PatchDataset(IterableDataset):
     """Endless stream of {"image": (C,X,Y,Z) float, "mask": (1,X,Y,Z) float, "air": (C,) float,
     "subject": str}, where (X, Y, Z) is the patch size and "air" each channel's padding value.
 
-    The stream of rank r and DataLoader worker w is seeded by SeedSequence([seed, r, w]):
-    reproducible, and distinct across ranks and workers.
-    Each pass visits the subjects in a fresh random order and cuts `samples_per_volume`
-    patches per visit. `cache_bytes` bounds the per-worker cache of whole level arrays
-    (normalised image + mask); 0 reads every patch straight from Zarr instead.
+    The stream of rank r and DataLoader worker w is seeded by SeedSequence([seed, r, w])
+    and draws from its own shard of `subjects` (`shard_subjects`): reproducible, and two
+    ranks never draw the same stream. Each pass visits the shard's subjects in a fresh
+    random order and cuts `samples_per_volume` patches per visit. `cache_bytes` bounds the
+    per-worker cache of whole level arrays (normalised image + mask, `SubjectCache`);
+    subjects outside it, and all of them with 0, are read straight from their chunks, each
+    chunk a visit's patches touch fetched and decoded once per visit.
     """
 
     def __init__(
@@ -130,7 +135,8 @@ class PatchDataset(IterableDataset):
         self.cache_bytes = int(cache_bytes)
         self.storage_options = storage_options
         self._store = None
-        self._volumes: _ByteLRU | None = None
+        self._volumes: SubjectCache | None = None
+        self._readers: dict[str, tuple[ChunkReader, ChunkReader]] = {}
         self._positions: dict[str, PositionSet] = {}
         self._draws: Counter = Counter()
         self._warned: set[str] = set()
@@ -138,7 +144,7 @@ class PatchDataset(IterableDataset):
     def __getstate__(self):
         # Workers re-open the store and start with empty caches.
         state = dict(self.__dict__)
-        state.update(_store=None, _volumes=None, _positions={}, _draws=Counter(), _warned=set())
+        state.update(_store=None, _volumes=None, _readers={}, _positions={}, _draws=Counter(), _warned=set())
         return state
 
     @property
@@ -178,57 +184,77 @@ class PatchDataset(IterableDataset):
         return (self.store.normalise(subject, zeros) if self.normalise else zeros).reshape(-1)
 
     def _volume(self, subject: str) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._volumes.get(subject) if self._volumes is not None else None
-        if cached is not None:
-            return cached  # type: ignore[return-value]
+        """The subject's whole level: normalised image and mask (read for the cache)."""
         image = np.asarray(self.store.image(subject, self.level)[...], dtype=np.float32)
         if self.normalise:
             image = self.store.normalise(subject, image)
         mask = np.asarray(self.store.mask(subject, self.level)[...], dtype=np.uint8)
-        if self._volumes is not None:
-            self._volumes.put(subject, (image, mask))
         return image, mask
 
-    def _read_patch(
-        self, subject: str, corner: Triple, air: np.ndarray, volume=None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if volume is not None:
-            image, mask = volume
-            return cut_patch(image, corner, self.patch, fill=air), cut_patch(mask, corner, self.patch)
-        # Direct Zarr reads of the patch's region only (cache_bytes=0); raw 0 pads, then
-        # normalising turns it into air.
-        shape = self.store.mask(subject, self.level).shape
-        src = tuple(slice(max(c, 0), min(c + n, s)) for c, n, s in zip(corner, self.patch, shape))
-        image = np.asarray(self.store.image(subject, self.level)[(slice(None), *src)], np.float32)
-        mask = np.asarray(self.store.mask(subject, self.level)[src], np.uint8)
-        inner = tuple(max(-c, 0) for c in corner)
-        if image.shape[-3:] != self.patch:
-            image = cut_patch(image, tuple(-i for i in inner), self.patch)  # type: ignore[arg-type]
-            mask = cut_patch(mask, tuple(-i for i in inner), self.patch)  # type: ignore[arg-type]
-        if self.normalise:
-            image = self.store.normalise(subject, image)
-        return image, mask
+    def readers(self, subject: str) -> tuple[ChunkReader, ChunkReader]:
+        """Direct chunk readers of the subject's image and mask at this level (kept per worker)."""
+        if subject not in self._readers:
+            self._readers[subject] = (ChunkReader(self.store.image(subject, self.level)),
+                                      ChunkReader(self.store.mask(subject, self.level)))
+        return self._readers[subject]
+
+    def _read_direct(self, subject: str, corners: list[Triple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The patches at `corners`, from the chunks they touch, each fetched and decoded once.
+
+        Raw 0 pads outside the volume; normalising turns it into air, as in the cache path."""
+        image_reader, mask_reader = self.readers(subject)
+        boxes = [(c, self.patch) for c in corners]
+        image_chunks = image_reader.fetch(image_reader.chunk_ids(boxes))
+        mask_chunks = mask_reader.fetch(mask_reader.chunk_ids(boxes))
+        out = []
+        for corner in corners:
+            image = image_reader.read(corner, self.patch, image_chunks)  # a new float32 array
+            if self.normalise:
+                image = self.store.normalise(subject, image, in_place=True)
+            out.append((image, mask_reader.read(corner, self.patch, mask_chunks)))
+        return out
+
+    def _level_bytes(self, subject: str) -> int:
+        image, mask = self.readers(subject)
+        return int(np.prod(image.shape)) * 4 + int(np.prod(mask.shape))
+
+    def _visit(self, subject: str, corners: list[Triple], air: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One visit's patches: from the cache, into the cache if it admits the subject, or direct."""
+        cache = self._volumes
+        cache.visit(subject)
+        volume = cache.get(subject)
+        if volume is None and cache.max_bytes > 0 and cache.admits(subject, self._level_bytes(subject)):
+            volume = self._volume(subject)
+            cache.put(subject, volume)
+        if volume is None:
+            return self._read_direct(subject, corners)
+        image, mask = volume
+        return [(cut_patch(image, c, self.patch, fill=air), cut_patch(mask, c, self.patch)) for c in corners]
 
     def stream_seed(self) -> np.random.SeedSequence:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         return np.random.SeedSequence([self.seed, self.rank, worker])
 
+    def shard(self) -> list[str]:
+        """The subjects this process's stream draws from (see `shard_subjects`)."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return shard_subjects(self.subjects, self.rank, self.world_size, worker, workers)
+
     def __iter__(self) -> Iterator[dict]:
-        if self._volumes is None and self.cache_bytes > 0:
-            self._volumes = _ByteLRU(self.cache_bytes)
+        if self._volumes is None:
+            self._volumes = SubjectCache(self.cache_bytes)
         rng = np.random.default_rng(self.stream_seed())
+        subjects = self.shard()
         while True:
-            for index in rng.permutation(len(self.subjects)):
-                subject = self.subjects[int(index)]
+            for index in rng.permutation(len(subjects)):
+                subject = subjects[int(index)]
                 pos = self.positions(subject)
-                # Read once per visit (from the cache when it holds the subject).
-                volume = self._volume(subject) if self.cache_bytes > 0 else None
                 air = self.air(subject)
-                for _ in range(self.samples_per_volume):
-                    corner = pos.sample(rng)
-                    self._draws[pos.reason] += 1
-                    image, mask = self._read_patch(subject, corner, air, volume)
+                corners = [pos.sample(rng) for _ in range(self.samples_per_volume)]
+                self._draws[pos.reason] += len(corners)
+                for image, mask in self._visit(subject, corners, air):
                     yield {
                         "image": torch.from_numpy(image),
                         "mask": torch.from_numpy(mask[None].astype(np.float32)),
@@ -253,6 +279,7 @@ def make_loader(
     **dataset_kwargs,
 ) -> DataLoader:
     """DataLoader over a `PatchDataset` built from a DataConfig (workers seed themselves)."""
+    dataset_kwargs.setdefault("cache_bytes", int(cfg.cache_gib * 2**30))
     dataset = PatchDataset(
         cfg.store,
         subjects,

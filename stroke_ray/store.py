@@ -284,10 +284,11 @@ class StrokeStore:
         norm = self.meta(subject)["norm"]
         return np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
 
-    def normalise(self, subject: str, image: np.ndarray) -> np.ndarray:
-        """Apply the store's intensity normalisation to a (C, ...) array read from it."""
+    def normalise(self, subject: str, image: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """Apply the store's intensity normalisation to a (C, ...) array read from it
+        (`in_place`: overwrite a float32 array the caller owns)."""
         stats = None if self.normalization == "none" else self.meta(subject)["norm"]
-        return normalise(image, self.normalization, stats)
+        return normalise(image, self.normalization, stats, in_place=in_place)
 
     # --- per-subject writing -------------------------------------------------------------
     def delete_subject(self, subject: str) -> None:

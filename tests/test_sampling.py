@@ -20,7 +20,7 @@ from stroke_ray.samplers import (
     ThresholdSampler,
     UniformSampler,
 )
-from stroke_ray.sampling import PatchDataset, cut_patch, make_loader
+from stroke_ray.sampling import PatchDataset, cut_patch, make_loader, shard_subjects
 from stroke_ray.splits import split_manifest, split_subjects
 from stroke_ray.store import LevelArrays, StrokeStore
 
@@ -267,31 +267,106 @@ def test_workers_and_ranks_get_distinct_reproducible_streams(tiny_store):
     assert first[0::2] == rank0[:4]
 
 
+def test_shards_are_disjoint_cover_everything_and_degrade_gracefully():
+    subjects = [f"sub-{i:02d}" for i in range(7)]
+    for world, workers in ((2, 1), (2, 2), (3, 2), (1, 3)):
+        shards = [shard_subjects(subjects, r, world, w, workers) for r in range(world) for w in range(workers)]
+        assert sorted(s for shard in shards for s in shard) == subjects  # disjoint and complete
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+    # 3 subjects, 2 ranks x 2 loader workers: shards per rank (workers share, differ by seed)
+    few = subjects[:3]
+    assert shard_subjects(few, 0, 2, 0, 2) == shard_subjects(few, 0, 2, 1, 2) == ["sub-00", "sub-02"]
+    assert shard_subjects(few, 1, 2, 0, 2) == ["sub-01"]
+    # fewer subjects than ranks: every rank takes them all
+    assert shard_subjects(few[:1], 1, 2) == ["sub-00"]
+
+
+def test_two_ranks_never_draw_the_same_subject(tiny_store):
+    subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
+    cfg = DataConfig(store=tiny_store, level="16", patch_size=8, sampler="uniform", samples_per_volume=1)
+    drawn = [{s for batch in take(make_loader(cfg, subjects, 2, seed=3, rank=r, world_size=2), 6)
+              for s in batch["subject"]} for r in (0, 1)]
+    assert drawn[0] and drawn[1] and not drawn[0] & drawn[1]
+    assert drawn[0] | drawn[1] == set(subjects)
+
+
 class CountingReads(PatchDataset):
-    """Counts whole-level reads from Zarr (cache misses)."""
+    """Counts whole-level reads from Zarr (what filling the cache costs)."""
 
     reads = 0
 
     def _volume(self, subject):
-        if self._volumes is None or self._volumes.get(subject) is None:
-            self.reads += 1
+        self.reads += 1
         return super()._volume(subject)
 
 
-def test_level_read_once_per_visit_and_cached_across_visits(tiny_store):
+def test_cache_holds_the_hottest_subjects_within_its_budget(tiny_store):
     subjects = [f"sub-{i}" for i in range(N_SUBJECTS)]
+    # no budget: never a whole-level read, every patch straight from its chunks
     uncached = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4, cache_bytes=1)
     take(uncached, 4 * N_SUBJECTS * 2)  # two passes
-    assert uncached.reads == 2 * N_SUBJECTS
+    assert uncached.reads == 0 and uncached._volumes.bytes == 0
+    # room for all: each subject read once, then served from RAM
     cached = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4)
-    take(cached, 4 * N_SUBJECTS * 2)
+    take(cached, 4 * N_SUBJECTS * 3)
     assert cached.reads == N_SUBJECTS
+    # room for two of three: the same two stay (an LRU would evict on every visit), the
+    # third is read directly; the budget holds
     one_case = 2 * 16**3 * 4 + 16**3  # bytes of one subject's image + mask
-    small = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4,
-                          cache_bytes=2 * one_case)
-    take(small, 4 * N_SUBJECTS * 3)
-    assert N_SUBJECTS < small.reads <= 3 * N_SUBJECTS  # bounded: evictions happen
-    assert small._volumes._bytes <= 2 * one_case
+    small = CountingReads(tiny_store, subjects, "16", 8, samples_per_volume=4, cache_bytes=2 * one_case)
+    take(small, 4 * N_SUBJECTS * 5)
+    assert small.reads == 2
+    assert small._volumes.bytes <= 2 * one_case
+    assert sum(s in small._volumes for s in subjects) == 2
+
+
+def test_a_subject_visited_more_often_displaces_a_colder_one():
+    from stroke_ray.subject_cache import SubjectCache
+
+    cache = SubjectCache(max_bytes=200)
+    block = (np.zeros(100, np.uint8),)
+    for key in ("a", "b"):
+        cache.visit(key)
+        assert cache.admits(key, 100)
+        cache.put(key, block)
+    for _ in range(2):
+        cache.visit("c")
+    assert not cache.admits("c", 100)  # 2 visits vs 1: within the margin, the cache stays
+    cache.visit("c")
+    cache.visit("a")
+    assert cache.admits("c", 100)  # 3 vs b's 1: b goes, a (2 visits) stays
+    cache.put("c", block)
+    assert "a" in cache and "c" in cache and "b" not in cache and cache.bytes == 200
+    assert not cache.admits("d", 300)  # larger than the whole budget
+
+
+@pytest.fixture(scope="module")
+def chunked_store(tmp_path_factory) -> str:
+    """Two subjects at a 20x16x12 level stored in 8^3 chunks (edge chunks partial; the mask's
+    lesion-free chunks are never written, so they read as the fill value)."""
+    url = str(tmp_path_factory.mktemp("chunked") / "chunked.zarr")
+    store = StrokeStore.create(url, ["dwi", "adc"], levels=["20"])
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        image = rng.normal(50, 5, (2, 20, 16, 12)).astype(np.float32)
+        mask = np.zeros((20, 16, 12), np.uint8)
+        mask[3 + i : 7 + i, 2:6, 4:9] = 1
+        store.write_subject(f"sub-{i}", {"20": LevelArrays(image, mask, np.eye(4))},
+                            {"norm": {"mean": [50.0, 50.0], "std": [5.0, 5.0]}}, chunk_edge=8)
+    return url
+
+
+@pytest.mark.parametrize("patch", [8, (12, 6, 10), 24])
+def test_direct_reads_give_the_cached_patches(chunked_store, patch):
+    """Same seed, same corners: the direct chunk path and the RAM path cut identical patches
+    (inside a chunk, across chunk edges, and reaching past the volume: padded with air)."""
+    subjects = ["sub-0", "sub-1"]
+    streams = [PatchDataset(chunked_store, subjects, "20", patch, sampler="uniform", samples_per_volume=3,
+                            seed=5, cache_bytes=budget) for budget in (0, 2**30)]
+    for direct, cached in zip(*(take(s, 12) for s in streams)):
+        assert direct["subject"] == cached["subject"]
+        np.testing.assert_allclose(direct["image"], cached["image"], rtol=0, atol=1e-6)
+        assert torch.equal(direct["mask"], cached["mask"])
 
 
 def test_stream_from_a_converted_store(synth_store):

@@ -8,9 +8,17 @@ For every trial it reads the metrics the train loop reports each epoch (`step_ti
 `epoch_time_s`, `first_step_s`) and Tune's `time_total_s` (since the trial started):
 
     overhead_s      trial start -> its first epoch begins (driver, Train controller and worker
-                    start-up, imports, data and model set-up)
+                    start-up, imports, data and model set-up), split into
+      driver_s        the trial's driver: actor start, imports, its MLflow run, building the trainer
+      workers_s       trainer built -> train loop running (Train controller, worker processes,
+                      process group)
+      imports_s, store_s, model_s, tracking_s   the train loop's own set-up (`startup_*` metrics)
+    first_batch_s   the first batch (inside the first epoch)
     in_steps        share of the trial's wall time spent in optimizer steps
     sweep in_steps  share of the whole sweep's wall time spent in optimizer steps
+
+`--trial-minutes M` gives every trial a wall-clock training budget of M minutes (epochs end
+at the first boundary after it), to measure the share for trials of a given length.
 
 Baseline, measured in the same run: the best trial's config trained in this process with
 a plain loop (same model, loss, loader, steps), no Ray at all; `trial / bare` is the
@@ -33,9 +41,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _derived_space(space: Path, epochs: int | None, steps: int | None, out: Path) -> Path:
+def _derived_space(space: Path, epochs: int | None, steps: int | None, out: Path,
+                   minutes: float | None = None) -> Path:
     raw = yaml.safe_load(space.read_text())
-    if epochs is not None:
+    if minutes is not None:
+        raw.setdefault("fixed", {})["time_budget_s"] = 60.0 * minutes
+        raw["max_epochs"] = epochs or 10_000  # the budget ends the trial
+        raw["grace_period"] = raw["max_epochs"]  # ASHA must not cut a budgeted trial
+    elif epochs is not None:
         raw["max_epochs"] = epochs
         raw["grace_period"] = min(raw.get("grace_period", 1), epochs)
     if steps is not None:
@@ -79,6 +92,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None, help="override max_epochs")
     ap.add_argument("--steps", type=int, default=None, help="override steps_per_epoch")
+    ap.add_argument("--trial-minutes", type=float, default=None, help="wall-clock budget per trial")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
@@ -103,7 +117,8 @@ def main() -> None:
         store = str(work / "synth.zarr")
         convert_dataset(str(work / "data"), store, levels=[64], progress=False)
 
-    space_file = _derived_space(search_space_file(args.space), args.epochs, args.steps, work / "space.yaml")
+    space_file = _derived_space(search_space_file(args.space), args.epochs, args.steps, work / "space.yaml",
+                                args.trial_minutes)
     space = SearchSpace.load(space_file)
     base = TrainConfig.from_dict({"data": {"store": store}, "experiment": "bench-sweep"})
     t0 = time.perf_counter()
@@ -126,15 +141,23 @@ def main() -> None:
         cfg = space.trial_config(base, params)
         steps_s = float((df["step_time_s"] * cfg.steps_per_epoch).sum())
         wall = float(df["time_total_s"].iloc[-1])
+        first = df.iloc[0]
+        laps = {k: float(first[f"startup_{k}_s"]) if f"startup_{k}_s" in df else float("nan")
+                for k in ("workers", "imports", "store", "model", "tracking", "first_batch")}
+        overhead = float(df["time_total_s"].iloc[0] - df["epoch_time_s"].iloc[0])
+        in_loop = sum(laps[k] for k in ("imports", "store", "model", "tracking"))
         rows.append({
             "trial": trial_id,
             "epochs": len(df),
             "wall_s": wall,
-            "overhead_s": float(df["time_total_s"].iloc[0] - df["epoch_time_s"].iloc[0]),
+            "overhead_s": overhead,
+            "driver_s": overhead - laps["workers"] - in_loop,
+            **{f"{k}_s": v for k, v in laps.items()},
             "first_step_s": float(df["first_step_s"].iloc[0]),
             "steps_s": steps_s,
             "val_s": float(df["val_time_s"].sum()),
             "in_steps": steps_s / wall,
+            "in_steps_val": (steps_s + float(df["val_time_s"].sum())) / wall,
             "start": float(df["timestamp"].iloc[0] - df["time_total_s"].iloc[0]),
             "end": float(df["timestamp"].iloc[-1]),
         })
@@ -145,7 +168,8 @@ def main() -> None:
     span = table["end"].max() - table["start"].min()
     print(f"\nfirst trial start -> last trial end {span:.1f} s ({len(table)} trials, run_sweep call {sweep_wall:.1f} s); "
           f"in training steps {total_steps_s / span:.1%}, in trial wall time {table['wall_s'].sum() / span:.1%}")
-    print(f"per-trial overhead: median {table['overhead_s'].median():.1f} s (target < 5 s)")
+    print(f"per-trial overhead: median {table['overhead_s'].median():.1f} s (target < 5 s); load average "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
     best = result.best_config
     n = best.epochs * best.steps_per_epoch

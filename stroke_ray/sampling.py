@@ -137,6 +137,7 @@ class PatchDataset(IterableDataset):
         self._store = None
         self._volumes: SubjectCache | None = None
         self._readers: dict[str, tuple[ChunkReader, ChunkReader]] = {}
+        self._pools: dict[tuple, list[np.ndarray]] = {}  # decode buffers per chunk size, reused
         self._positions: dict[str, PositionSet] = {}
         self._draws: Counter = Counter()
         self._warned: set[str] = set()
@@ -144,7 +145,7 @@ class PatchDataset(IterableDataset):
     def __getstate__(self):
         # Workers re-open the store and start with empty caches.
         state = dict(self.__dict__)
-        state.update(_store=None, _volumes=None, _readers={}, _positions={}, _draws=Counter(), _warned=set())
+        state.update(_store=None, _volumes=None, _readers={}, _pools={}, _positions={}, _draws=Counter(), _warned=set())
         return state
 
     @property
@@ -204,8 +205,8 @@ class PatchDataset(IterableDataset):
         Raw 0 pads outside the volume; normalising turns it into air, as in the cache path."""
         image_reader, mask_reader = self.readers(subject)
         boxes = [(c, self.patch) for c in corners]
-        image_chunks = image_reader.fetch(image_reader.chunk_ids(boxes))
-        mask_chunks = mask_reader.fetch(mask_reader.chunk_ids(boxes))
+        image_chunks = image_reader.fetch(image_reader.chunk_ids(boxes), self._pool(image_reader))
+        mask_chunks = mask_reader.fetch(mask_reader.chunk_ids(boxes), self._pool(mask_reader))
         out = []
         for corner in corners:
             image = image_reader.read(corner, self.patch, image_chunks)  # a new float32 array
@@ -213,6 +214,11 @@ class PatchDataset(IterableDataset):
                 image = self.store.normalise(subject, image, in_place=True)
             out.append((image, mask_reader.read(corner, self.patch, mask_chunks)))
         return out
+
+    def _pool(self, reader: ChunkReader) -> list[np.ndarray]:
+        # Decoded chunks live only within one visit, so every reader of a chunk size shares one
+        # set of buffers: memory stays one visit's worth of chunks, whatever the number of subjects.
+        return self._pools.setdefault((reader.chunk, reader.dtype.str), [])
 
     def _level_bytes(self, subject: str) -> int:
         image, mask = self.readers(subject)

@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override max_epochs")
     ap.add_argument("--steps", type=int, default=None, help="override steps_per_epoch")
     ap.add_argument("--trial-minutes", type=float, default=None, help="wall-clock budget per trial")
+    ap.add_argument("--skip-baseline", action="store_true", help="no in-process re-run of the best trial's steps")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
@@ -172,9 +173,12 @@ def main() -> None:
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
     best = result.best_config
-    n = best.epochs * best.steps_per_epoch
-    bare = _bare_training_s(best, n)
     best_row = table[table["trial"] == result.best.trial_id].iloc[0]
+    n = int(best_row["epochs"]) * best.steps_per_epoch  # the epochs it ran (a budget may end it early)
+    if args.skip_baseline:
+        ray.shutdown()
+        return
+    bare = _bare_training_s(best, n)
     print(f"baseline: best config, {n} steps in-process without Ray: {bare:.1f} s; "
           f"its trial took {best_row['wall_s']:.1f} s ({best_row['wall_s'] / bare:.1f}x), "
           f"of which steps {best_row['steps_s']:.1f} s ({best_row['steps_s'] / bare:.2f}x the bare steps)")

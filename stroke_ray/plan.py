@@ -40,9 +40,13 @@ __all__ = [
 ]
 
 GIB = 1024**3
-# Without a GPU the budget is a CPU default: memory is rarely what binds on a CPU, time is,
-# so the default keeps patches and networks at a size a CPU trains in minutes per epoch.
-CPU_MEMORY_BUDGET = 2 * GIB
+# Without a GPU the budget is a CPU default: memory rarely binds on a CPU, time does, so the
+# default stands in for compute. Measured on 2 cores (process CPU seconds per training step
+# of batch 2 with deep supervision and strong augmentation): 48^3 with widths 16-128, 1.0 s;
+# 64^3, 3.1 s; 64x80x64 with widths 16-256 (what 2 GiB would plan on ISLES'22 at 2 mm),
+# 3.9 s. Half a GiB plans about 48x64x56 with widths 16-128: three times the steps of a
+# 2 GiB plan in the same time.
+CPU_MEMORY_BUDGET = GIB // 2
 MAX_POOLINGS = 5
 MIN_BOTTLENECK = 4
 MAX_INITIAL_VOXELS = 256**3

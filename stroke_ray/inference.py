@@ -3,24 +3,29 @@
 The windowing, padding and blending are MONAI's `sliding_window_inference` (maintained,
 tested, GPU-aware, with nnU-Net's Gaussian importance map), so this module only adds what is
 ours: window sizes that respect the network's size multiple, per-window sigmoid/softmax so
-that probabilities (not logits) are blended, and the mapping between the reference grid and
-the training level grid (`grid.level_grid` + `grid.resample`, the same path ingest uses).
+that probabilities (not logits) are blended, mirroring test-time augmentation per window,
+and the mapping between the reference grid and the training level grid (`grid.level_grid` +
+`grid.resample`, the same path ingest uses).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from stroke_ray.config import mirror_axes
 from stroke_ray.grid import NATIVE, level_grid, resample
 from stroke_ray.intensity import normalise
 
 __all__ = [
+    "ALL_AXES",
+    "mirror_sets",
     "foreground_probability",
     "normalise_case",
     "predict_case",
@@ -33,6 +38,18 @@ if TYPE_CHECKING:
     from stroke_ray.ingest import PreparedCase
 
 Triple = tuple[int, int, int]
+# Every mirroring of the three spatial axes, as nnU-Net's test-time augmentation.
+ALL_AXES = (0, 1, 2)
+
+
+def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial `axes` (the identity first): 2^len(axes) mirrorings.
+
+    Raises:
+        ValueError: an axis outside 0, 1, 2, or one given twice.
+    """
+    axes = mirror_axes(axes)
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 def as_triple(size: int | tuple[int, ...] | list[int]) -> Triple:
@@ -81,14 +98,31 @@ def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _Probabilities(torch.nn.Module):
-    """Wraps a logits network so each window yields foreground probability (B, 1, ...)."""
+    """Wraps a logits network so each window yields foreground probability (B, 1, ...).
 
-    def __init__(self, model: torch.nn.Module):
+    With mirroring sets (test-time augmentation) the window is predicted once per mirroring
+    and the probabilities, mirrored back, are averaged: per window, as nnU-Net does, so the
+    Gaussian blending of overlapping windows works on the averaged probabilities.
+    """
+
+    def __init__(self, model: torch.nn.Module, mirrorings: Sequence[tuple[int, ...]] = ((),)):
         super().__init__()
         self.model = model
+        # Spatial axis a of (X, Y, Z) is tensor dim a + 2 of (B, C, X, Y, Z).
+        self.mirrorings = [tuple(a + 2 for a in axes) for axes in mirrorings]
+
+    def _probability(self, x: torch.Tensor) -> torch.Tensor:
+        return foreground_probability(self.model(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return foreground_probability(self.model(x))
+        total = None
+        for dims in self.mirrorings:
+            if dims:
+                prob = torch.flip(self._probability(torch.flip(x, dims)), dims)
+            else:
+                prob = self._probability(x)
+            total = prob if total is None else total + prob
+        return total / len(self.mirrorings)
 
 
 def sliding_window_predict(
@@ -101,6 +135,7 @@ def sliding_window_predict(
     amp: bool = False,
     multiple: int = 1,
     air: np.ndarray | None = None,
+    tta_axes: Sequence[int] = (),
 ) -> np.ndarray:
     """Foreground probability (X, Y, Z) float32 of a (C, X, Y, Z) image.
 
@@ -108,6 +143,14 @@ def sliding_window_predict(
     probabilities are blended with a Gaussian weight (sigma = 1/8 of the window, as nnU-Net).
     Volumes smaller than a window are padded with each channel's `air` value (the normalised
     value of raw 0, as training patches are padded; default 0) and cropped back.
+
+    Args:
+        tta_axes: spatial axes (0, 1, 2 = X, Y, Z) to mirror for test-time augmentation:
+            every window is predicted under all 2^len(tta_axes) mirrorings and the
+            probabilities averaged; () = no augmentation.
+
+    Raises:
+        ValueError: `image` is not (C, X, Y, Z), or bad `patch_size` / `tta_axes`.
     """
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
@@ -119,7 +162,7 @@ def sliding_window_predict(
     x, crop = pad_to_window(x, roi, fill)
     from monai.inferers import sliding_window_inference
 
-    predictor = _Probabilities(model)
+    predictor = _Probabilities(model, mirror_sets(tta_axes))
     was_training = model.training
     model.eval()
     try:
@@ -143,11 +186,17 @@ def sliding_window_predict(
 
 @dataclass
 class Prediction:
-    """A case's prediction on its reference (native) grid."""
+    """A case's prediction on its reference (native) grid.
+
+    `level_probability` / `level_affine` hold the probability on the training level's grid
+    before it was mapped back (None for the native level), for scoring at that level.
+    """
 
     probability: np.ndarray  # (X, Y, Z) float32
     mask: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # 4x4 of the reference grid
+    level_probability: np.ndarray | None = None
+    level_affine: np.ndarray | None = None
 
 
 def normalise_case(image: np.ndarray, attrs: dict[str, Any], normalization: str = "zscore") -> np.ndarray:
@@ -172,6 +221,7 @@ def predict_case(
     threshold: float = 0.5,
     multiple: int = 1,
     amp: bool = False,
+    tta_axes: Sequence[int] = (),
 ) -> Prediction:
     """Predict one case at the training `level` and return it on the case's reference grid.
 
@@ -179,10 +229,12 @@ def predict_case(
     (`grid.level_grid`, linear, anti-aliased, zero outside the field of view), is then
     normalised, predicted, and the probability is resampled linearly back to the reference
     grid (zero outside a cropped level's box). The mask is probability >= threshold.
+    `tta_axes` mirrors as in `sliding_window_predict`.
     """
     ref_shape = tuple(int(s) for s in case.image.shape[1:])
     ref_affine = np.asarray(case.affine, dtype=np.float64)
     level = str(level)
+    level_affine = None
     if level == NATIVE:
         image = case.image
     else:
@@ -191,13 +243,18 @@ def predict_case(
             [resample(c, ref_affine, level_shape, level_affine, order=1, antialias=True) for c in case.image]
         )
     image = normalise_case(image, case.attrs, normalization)
-    prob = sliding_window_predict(
+    level_prob = sliding_window_predict(
         model, image, patch_size, overlap=overlap, batch_size=batch_size,
         device=device, amp=amp, multiple=multiple,
-        air=air_value(case.attrs, image.shape[0], normalization),
+        air=air_value(case.attrs, image.shape[0], normalization), tta_axes=tta_axes,
     )
-    if level != NATIVE:
-        prob = resample(prob, level_affine, ref_shape, ref_affine, order=1, antialias=True)
+    if level_affine is None:
+        prob, level_prob = level_prob, None
+    else:
+        prob = resample(level_prob, level_affine, ref_shape, ref_affine, order=1, antialias=True)
         prob = np.clip(prob, 0.0, 1.0)
     prob = prob.astype(np.float32, copy=False)
-    return Prediction(probability=prob, mask=(prob >= threshold).astype(np.uint8), affine=ref_affine.copy())
+    return Prediction(
+        probability=prob, mask=(prob >= threshold).astype(np.uint8), affine=ref_affine.copy(),
+        level_probability=level_prob, level_affine=level_affine,
+    )

@@ -50,6 +50,40 @@ def test_fixed_function_gives_expected_probability_at_odd_sizes(classes):
     assert window_size((6, 9, 16), 4) == (8, 12, 16)
 
 
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1,), (0, 2)])
+def test_tta_of_a_flip_equivariant_model_equals_no_tta(axes):
+    rng = np.random.default_rng(2)
+    image = rng.normal(0, 2, (2, 13, 17, 9)).astype(np.float32)
+    plain, mirrored = ChannelLogit(multiple=4), ChannelLogit(multiple=4)
+    base = sliding_window_predict(plain, image, patch_size=8, overlap=0.5, multiple=4)
+    tta = sliding_window_predict(mirrored, image, patch_size=8, overlap=0.5, multiple=4, tta_axes=axes)
+    np.testing.assert_allclose(tta, base, atol=1e-6)
+    assert mirrored.calls == plain.calls * 2 ** len(axes)  # every window, every mirroring
+
+
+class Directional(torch.nn.Module):
+    """Logit = channel 0 minus its neighbour along x: not flip-equivariant."""
+
+    def forward(self, x):
+        c = x[:, :1]
+        return c - torch.roll(c, 1, dims=2)
+
+
+def test_tta_averages_the_mirrored_probabilities_of_each_window():
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 2, (1, 8, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(image)[None]
+    expected = np.zeros((8, 8, 8), np.float32)
+    for dims in ((), (2,), (3,), (2, 3)):
+        out = torch.sigmoid(Directional()(torch.flip(x, dims) if dims else x))
+        expected += (torch.flip(out, dims) if dims else out)[0, 0].numpy() / 4
+    got = sliding_window_predict(Directional(), image, patch_size=8, tta_axes=(1, 0))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, sliding_window_predict(Directional(), image, patch_size=8), atol=1e-3)
+    with pytest.raises(ValueError, match="distinct values of 0, 1, 2"):
+        sliding_window_predict(Directional(), image, patch_size=8, tta_axes=(3,))
+
+
 def test_tensor_input_and_unet_output_shape():
     cfg = ModelConfig(widths=[2, 4, 8])
     model = build_model(cfg, in_channels=3)
@@ -76,6 +110,8 @@ def test_predict_case_at_cube_level_returns_reference_grid_and_keeps_location():
     model = ChannelLogit(scale=20.0, shift=0.5)
     pred = predict_case(model, case, level="16", patch_size=8, normalization="zscore", overlap=0.5)
     assert isinstance(pred, Prediction)
+    assert pred.level_probability.shape == (16, 16, 16)
+    np.testing.assert_array_equal(pred.level_affine, cube_affine(case.image.shape[1:], case.affine, 16))
     assert pred.probability.shape == case.image.shape[1:] and pred.mask.shape == case.image.shape[1:]
     np.testing.assert_array_equal(pred.affine, case.affine)
     assert pred.mask.dtype == np.uint8 and pred.mask.sum() > 0
@@ -99,6 +135,7 @@ def test_predict_case_native_applies_zscore_from_case_attrs():
     pred = predict_case(ChannelLogit(), case, level="native", patch_size=8, threshold=0.6)
     np.testing.assert_allclose(pred.probability, sigmoid((case.image[0] - 3.0) / 2.0), atol=1e-5)
     np.testing.assert_array_equal(pred.mask, (pred.probability >= 0.6).astype(np.uint8))
+    assert pred.level_probability is None and pred.level_affine is None
 
 
 def test_predict_real_isles_case_with_unet(isles_sample):

@@ -19,6 +19,7 @@ from stroke_ray.config import TrainConfig
 from stroke_ray.errors import InputFileError
 from stroke_ray.files import atomic_path
 from stroke_ray.models import build_model, inference_state_dict
+from stroke_ray.postprocess import Postprocessing
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -70,8 +71,13 @@ def save_checkpoint(
     modalities: list[str],
     normalization: str,
     metrics: dict | None = None,
+    postprocessing: Postprocessing | None = None,
 ) -> Path:
-    """Write `<directory>/checkpoint.pt` atomically and return its path."""
+    """Write `<directory>/checkpoint.pt` atomically and return its path.
+
+    `postprocessing` (threshold and minimum lesion size chosen on validation cases) is
+    stored with the weights; None = no removal when the model is used.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -83,6 +89,7 @@ def save_checkpoint(
         "modalities": [str(m) for m in modalities],
         "normalization": str(normalization),
         "metrics": _plain(dict(metrics or {})),
+        "postprocessing": postprocessing.to_dict() if postprocessing is not None else None,
     }
     path = directory / CHECKPOINT_FILE
     # Write beside and rename, so a crash never leaves a truncated checkpoint behind.
@@ -102,6 +109,7 @@ class LoadedModel:
     epoch: int
     metrics: dict = field(default_factory=dict)
     optimizer_state: dict | None = None
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -150,4 +158,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         epoch=int(payload["epoch"]),
         metrics=dict(payload.get("metrics") or {}),
         optimizer_state=payload.get("optimizer"),
+        postprocessing=_postprocessing(file, payload.get("postprocessing")),
     )
+
+
+def _postprocessing(file: Path, raw: Any) -> Postprocessing:
+    """The stored postprocessing (none stored = threshold 0.5, no removal); bad values name the file."""
+    try:
+        return Postprocessing.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InputFileError(file, f"bad postprocessing entry {raw!r} ({exc})") from exc

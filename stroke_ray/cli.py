@@ -75,6 +75,14 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _axes(text: str) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2); checked by config.mirror_axes where the axes are used."""
+    try:
+        return tuple(int(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise StrokeRayError(f"--tta-axes: {text!r} is not a comma-separated list of 0, 1, 2") from None
+
+
 @app.command()
 @_user_errors
 def synth(
@@ -317,7 +325,14 @@ def predict(
     t1w: Optional[Path] = typer.Option(None, help="One case: its T1w file (ATLAS models)."),
     mask: Optional[Path] = typer.Option(None, help="One case: its ground-truth mask, for metrics."),
     probability: bool = typer.Option(False, "--probability", help="Also write <subject>_prob.nii.gz."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability threshold of the mask."),
+    threshold: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0, help="Probability threshold of the mask (default: the model's, else 0.5)."
+    ),
+    min_lesion_ml: Optional[float] = typer.Option(
+        None, min=0.0, help="Remove lesions smaller than this, in ml (default: the model's choice; 0 = keep all)."
+    ),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation."),
+    tta_axes: str = typer.Option("0,1,2", help="Axes to mirror with --tta (0,1,2 = x,y,z; 8 flips for all three)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if present)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
     max_dim: int = MAX_DIM_OPTION,
@@ -337,6 +352,7 @@ def predict(
         device=device, progress=True, mask=mask, threshold=threshold,
         limits=_limits(max_dim, max_image_gib, voxel_range_mm), resample_masks=resample_masks,
         overwrite=overwrite,
+        tta_axes=_axes(tta_axes) if tta else (), min_lesion_ml=min_lesion_ml,
     )
     typer.echo(report.summary())
     if report.failed and not report.predicted:
@@ -372,6 +388,8 @@ def serve(
         60.0, min=0.0, help="Seconds between checks of a models:/name@alias for a new version (0: only on POST /admin/reload).",
     ),
     docs: bool = typer.Option(False, "--docs", help="Serve the OpenAPI page at /docs."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation."),
+    tta_axes: str = typer.Option("0,1,2", help="Axes to mirror with --tta (0,1,2 = x,y,z)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
 ) -> None:
@@ -389,6 +407,7 @@ def serve(
         gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
         max_upload_bytes=max_upload_mb * 1024**2, body_timeout_s=body_timeout,
         max_concurrent=max_concurrent, max_queued=max_queued, reload_interval_s=reload_interval, docs=docs,
+        tta_axes=_axes(tta_axes) if tta else (),
     )
     auth = "bearer token required" if token else "no token: loopback only"
     typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz, GET /readyz; {auth}); Ctrl-C to stop")

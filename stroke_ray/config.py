@@ -86,6 +86,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def mirror_axes(axes) -> tuple[int, ...]:
+    """Test-time mirroring axes as a sorted tuple of distinct spatial axes (0, 1, 2 = X, Y, Z).
+
+    Raises:
+        ValueError: an axis outside 0, 1, 2, or one given twice.
+    """
+    values = tuple(int(a) for a in axes)
+    if any(a not in (0, 1, 2) for a in values) or len(set(values)) != len(values):
+        raise ValueError(f"mirroring axes must be distinct values of 0, 1, 2; got {list(axes)}")
+    return tuple(sorted(values))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -345,6 +357,10 @@ class TrainConfig(_Strict):
     seed: int = 0
     val_overlap: float = Field(0.5, ge=0.0, lt=1.0)
     val_max_subjects: int | None = None
+    # Mirroring axes (0, 1, 2) of test-time augmentation in validation; [] = none. The
+    # postprocessing is chosen on validation, so match what predict will use to choose it
+    # under the same inference (8x the validation time with all three axes).
+    val_tta_axes: list[int] = Field(default_factory=list)
     storage_path: str = "runs"
     # What Ray reserves per training worker. Fractions share a CPU or a GPU between workers of
     # different trials (`gpus_per_trial: 0.25` in a search space puts four trials on a GPU);
@@ -364,6 +380,11 @@ class TrainConfig(_Strict):
         if v > 1 and v != int(v):
             raise ValueError(f"must be at most 1 (a share of one GPU) or a whole number, not {v}")
         return v
+
+    @field_validator("val_tta_axes")
+    @classmethod
+    def _tta_axes(cls, v: list[int]) -> list[int]:
+        return list(mirror_axes(v))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":

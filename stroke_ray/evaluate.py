@@ -2,8 +2,9 @@
 
 Promotion (`model_ref.promote`) needs the current champion's score on a challenger's
 validation subjects when the two were validated on different ones. This rebuilds the
-checkpoint's model and runs the same `train.validate` (whole volumes at the checkpoint's
-own training level, ISLES'22 metrics) on those subjects of the challenger's store.
+checkpoint's model and runs the same `validation.validate` (each case predicted at the
+checkpoint's own training level and scored on its native grid, ISLES'22 metrics) on those
+subjects of the challenger's store.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from stroke_ray.errors import StrokeRayError
 from stroke_ray.metrics import METRIC_KEYS
 from stroke_ray.models import size_multiple
 from stroke_ray.store import StrokeStore
-from stroke_ray.train import validate
+from stroke_ray.validation import validate
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -53,6 +54,6 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str, subjects: Seque
     missing = sorted(set(subjects) - set(store.subjects()))
     if missing:
         raise StrokeRayError(f"{store_path}: has no subject {missing[0]}")
-    sums, count, _ = validate(loaded.model, store, list(subjects), loaded.config, torch.device(device), False,
-                              size_multiple(loaded.config.model))
-    return sums[key] / count
+    totals, _ = validate(loaded.model, store, list(subjects), loaded.config, torch.device(device), False,
+                         size_multiple(loaded.config.model))
+    return totals.metrics()[f"val_{key}"]

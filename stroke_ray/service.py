@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 from ray import serve
 
 from stroke_ray.auth import is_loopback, token_digest
-from stroke_ray.errors import StrokeRayError
+from stroke_ray.config import mirror_axes
+from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.http_guard import (
     GUARD_PATH,
     PROXY_CALLBACK,
@@ -87,7 +88,8 @@ def start_server(
     reload_interval_s: float = 60.0,
     docs: bool = False,
     device: str | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    tta_axes: Sequence[int] | None = None,
     **app_options: Any,
 ) -> str:
     """Deploy the service on Ray (local, or the cluster at `address`) and return its URL.
@@ -103,11 +105,18 @@ def start_server(
         max_concurrent / max_queued: predictions running / waiting per replica.
         reload_interval_s: how often a replica checks a `models:/name@alias` for a moved alias.
         docs: serve the OpenAPI page at /docs.
+        threshold: probability threshold of the mask (None: the model's stored one).
+        tta_axes: test-time mirroring axes (() = none; None = all three, as `predict`).
 
     Raises:
+        ConfigError: bad `tta_axes`.
         StrokeRayError: a non-loopback host without a token; a model reference that does
             not resolve; a non-loopback host whose Serve proxy does not run the guard.
     """
+    try:  # checked here so that a bad value fails the command, not every replica
+        axes = None if tta_axes is None else mirror_axes(tta_axes)
+    except ValueError as exc:
+        raise ConfigError(f"--tta-axes: {exc}") from None
     if not is_loopback(host) and token is None:
         raise StrokeRayError(
             f"--host {host}: listening beyond this machine needs a token "
@@ -136,7 +145,8 @@ def start_server(
 
     settings = ReplicaSettings(max_upload_bytes=int(max_upload_bytes), body_timeout_s=body_timeout_s,
                                token_sha256=digest, max_concurrent=max_concurrent, max_queued=max_queued,
-                               reload_interval_s=reload_interval_s, docs=docs, device=device, threshold=threshold)
+                               reload_interval_s=reload_interval_s, docs=docs, device=device, threshold=threshold,
+                               tta_axes=axes)
     try:
         serve.run(build_app(model_ref, settings=settings, **app_options), name=name, route_prefix=prefix,
                   blocking=False)

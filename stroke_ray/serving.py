@@ -90,7 +90,8 @@ class ReplicaSettings:
             often and load the new version (0: only on POST /admin/reload).
         docs: serve /docs and /openapi.json.
         device: torch device ("cpu", "cuda"); None picks the GPU when there is one.
-        threshold: probability threshold of the mask.
+        threshold: probability threshold of the mask; None = the model's stored one.
+        tta_axes: test-time mirroring axes (() = none); None = all three (`predict.Segmenter`).
     """
 
     max_upload_bytes: int = 512 * 1024**2
@@ -101,7 +102,8 @@ class ReplicaSettings:
     reload_interval_s: float = 60.0
     docs: bool = False
     device: str | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
+    tta_axes: tuple[int, ...] | None = None
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -136,7 +138,7 @@ class StrokeSegmenter:
         self.settings = ReplicaSettings(**(settings or {}))
         self.tracking_uri = tracking_uri
         self.segmenter = Segmenter.load(model_ref, tracking_uri=tracking_uri, device=self.settings.device,
-                                        threshold=self.settings.threshold)
+                                        threshold=self.settings.threshold, tta_axes=self.settings.tta_axes)
         self.slots = asyncio.Semaphore(self.settings.max_concurrent)
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
@@ -196,7 +198,8 @@ class StrokeSegmenter:
                 if label == current.version:
                     return False
             fresh = await run_in_threadpool(Segmenter.load, current.model_ref, self.tracking_uri,
-                                            current.device, current.threshold)
+                                            current.device, current.threshold, current.tta_axes,
+                                            current.min_lesion_ml)
             # Fail-safe: a checkpoint for other modalities would break every client.
             if fresh.modalities != current.modalities:
                 raise StrokeRayError(f"{current.model_ref} now needs {fresh.modalities}, "

@@ -17,13 +17,11 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
 from stroke_ray.config import OptimConfig, TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.locations import absolute
-from stroke_ray.metrics import METRIC_KEYS
 
 __all__ = [
     "build_optimizer",
@@ -33,7 +31,6 @@ __all__ = [
     "lr_at",
     "run_training",
     "train_loop_per_worker",
-    "validate",
 ]
 
 # --- small pieces of the loop --------------------------------------------------------------
@@ -82,47 +79,6 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module,
-    store,
-    subjects: list[str],
-    cfg: TrainConfig,
-    device: torch.device,
-    amp: bool,
-    multiple: int,
-) -> tuple[dict[str, float], int, tuple | None]:
-    """ISLES metrics summed over whole `subjects` volumes at the training level.
-
-    Returns (sums per metric, number of subjects, (subject, image, truth, pred) of the
-    subject with the most lesion, truth or predicted, for overlay images).
-    """
-    from stroke_ray.grid import spacing_of
-    from stroke_ray.inference import sliding_window_predict
-    from stroke_ray.metrics import isles_metrics
-
-    level = cfg.data.level
-    sums = {k: 0.0 for k in METRIC_KEYS}
-    example, example_voxels = None, -1
-    model.eval()
-    for subject in subjects:
-        image = store.normalise(subject, np.asarray(store.image(subject, level)[...]))
-        truth = np.asarray(store.mask(subject, level)[...])
-        prob = sliding_window_predict(
-            model, image, cfg.data.patch, overlap=cfg.val_overlap,
-            batch_size=cfg.batch_size, device=device, amp=amp, multiple=multiple,
-        )
-        pred = (prob >= 0.5).astype(np.uint8)
-        scores = isles_metrics(pred, truth, spacing_of(store.affine(subject, level)))
-        for k in METRIC_KEYS:
-            sums[k] += float(scores[k])
-        # The overlay should show a lesion: a held-out case without one draws empty slices.
-        voxels = int(np.count_nonzero(truth)) + int(np.count_nonzero(pred))
-        if voxels > example_voxels:
-            example, example_voxels = (subject, image, truth, pred), voxels
-    return sums, len(subjects), example
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 
@@ -156,6 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from stroke_ray.sampling import make_loader
     from stroke_ray.splits import split_subjects, validation_subjects
     from stroke_ray.store import StrokeStore
+    from stroke_ray.validation import ValidationTotals, validate
 
     laps.mark("imports")
     if "built_at" in config:  # trainer built -> this worker running: Train controller and worker start
@@ -261,14 +218,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 laps.laps["startup_first_batch_s"] = t1 - t0
         train_loss = _all_reduce_sum([loss_sum / cfg.steps_per_epoch], device)[0] / world
 
-        # validation on whole held-out volumes, sharded over workers, summed with all-reduce
+        # validation on whole held-out cases in their own space, sharded over workers
         t_val = time.perf_counter()
-        sums, count, example = validate(
-            unwrap(model), store, val_subjects[rank::world], cfg, device, use_amp, multiple
-        )
-        totals = _all_reduce_sum([*(sums[k] for k in METRIC_KEYS), float(count)], device)
-        n_val = max(1.0, totals[-1])
-        val = {f"val_{k}": totals[i] / n_val for i, k in enumerate(METRIC_KEYS)}
+        totals, example = validate(unwrap(model), store, val_subjects[rank::world], cfg, device, use_amp, multiple)
+        totals = ValidationTotals.from_vector(_all_reduce_sum(totals.vector(), device))
+        val = totals.metrics()
         val_s = time.perf_counter() - t_val
 
         metrics = {
@@ -296,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(
                     tmp, model=model, optimizer=optimizer, epoch=epoch, config=cfg,
                     modalities=modalities, normalization=normalization, metrics=metrics,
+                    postprocessing=totals.postprocessing(),
                 )
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -322,7 +277,7 @@ def _yaml(cfg: TrainConfig) -> str:
 
 def check_store(url: str, levels: Iterable[str]) -> None:
     """Fail with one clear line unless `url` opens, has 2+ complete subjects and every level."""
-    from stroke_ray.store import StrokeStore
+    from stroke_ray.store import NATIVE, StrokeStore
 
     try:
         store = StrokeStore.open(url)
@@ -331,6 +286,9 @@ def check_store(url: str, levels: Iterable[str]) -> None:
     subjects = store.subjects()
     if len(subjects) < 2:
         raise StrokeRayError(f"{url}: needs at least 2 complete subjects to train and validate, has {len(subjects)}")
+    if NATIVE not in store.levels:
+        # Validation scores every case on its own grid, as predict and the challenge do.
+        raise StrokeRayError(f"{url}: the store has no {NATIVE!r} level (validation needs each case's own grid)")
     for level in levels:
         if level not in store.levels:
             raise ConfigError(f"data.level: {level!r} is not in the store {url} (levels: {', '.join(store.levels)})")

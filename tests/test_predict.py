@@ -104,7 +104,9 @@ def test_explicit_files_with_a_known_mask_and_probability(isles_sample, tmp_path
     # A constant logit of +20 marks every voxel: the whole field of view is "lesion".
     ckpt = make_checkpoint(tmp_path / "ckpt", level="native", patch=32, bias=20.0)
     files = case_files(isles_sample)
-    report = predict_dataset(files, ckpt.parent, tmp_path / "out", save_probability=True, progress=False)
+    # A constant output is the same under every mirroring: no test-time augmentation needed.
+    report = predict_dataset(files, ckpt.parent, tmp_path / "out", save_probability=True, progress=False,
+                             tta_axes=())
     assert report.predicted == 1 and not report.failed
     row = report.rows[0]
     assert row["subject"] == "sub-strokecase0009_ses-0001"
@@ -206,3 +208,26 @@ def test_earlier_results_are_kept_unless_overwrite(isles_sample, checkpoint, tmp
     assert _sums(out) == first
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert sorted(_sums(out)) == sorted(first)
+
+
+def test_tta_and_postprocessing_settings(checkpoint, isles_sample, tmp_path):
+    from stroke_ray.cli import app
+    from stroke_ray.errors import ConfigError
+    from stroke_ray.predict import Segmenter
+    from stroke_ray.service import start_server
+
+    assert Segmenter.load(checkpoint, device="cpu").mirror_axes == (0, 1, 2)  # nnU-Net's default
+    chosen = Segmenter.load(checkpoint, device="cpu", tta_axes=[2, 0], threshold=0.3, min_lesion_ml=0.2)
+    assert chosen.mirror_axes == (0, 2)
+    assert chosen.postprocessing.to_dict() == {"min_lesion_ml": 0.2, "threshold": 0.3}
+    assert Segmenter.load(checkpoint, device="cpu", tta_axes=()).mirror_axes == ()
+    for bad in ({"tta_axes": [3]}, {"tta_axes": [1, 1]}, {"min_lesion_ml": -1.0}):
+        with pytest.raises(ConfigError, match="prediction settings"):
+            Segmenter.load(checkpoint, **bad)
+    with pytest.raises(ConfigError, match="--tta-axes"):  # before Ray or Serve is touched
+        start_server(checkpoint, tta_axes=(0, 5))
+    files = case_files(isles_sample)
+    out = CliRunner().invoke(app, ["predict", "--dwi", str(files["dwi"]), "--adc", str(files["adc"]),
+                                   "--flair", str(files["flair"]), "-o", str(tmp_path / "o"),
+                                   "-m", str(checkpoint), "--tta-axes", "0,x"])
+    assert out.exit_code == 2 and "--tta-axes" in out.output and not (tmp_path / "o").exists()

@@ -23,15 +23,17 @@ pytestmark = pytest.mark.slow
 
 REPORTED = {
     "epoch", "train_loss", "val_dice", "val_abs_volume_diff_ml", "val_abs_lesion_count_diff",
-    "val_lesion_f1", "step_time_s", "epoch_time_s", "first_step_s",
+    "val_lesion_f1", "step_time_s", "epoch_time_s", "first_step_s", "val_level_dice",
+    "postprocess_min_lesion_ml", "val_postprocessed_score",
 }
 
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> str:
-    """Four 2-channel 32^3 subjects with one bright ellipsoidal lesion each (level "32")."""
+    """Four 2-channel 32^3 subjects with one bright ellipsoidal lesion each (levels "native" and
+    "32", on the same grid)."""
     url = str(tmp_path_factory.mktemp("store") / "tiny.zarr")
-    store = StrokeStore.create(url, ["dwi", "adc"], ["32"])
+    store = StrokeStore.create(url, ["dwi", "adc"], ["native", "32"])
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"))
     affine = cube_affine((32, 32, 32), np.diag([-2.0, 2.0, 2.0, 1.0]), 32)
@@ -41,9 +43,10 @@ def tiny_store(tmp_path_factory) -> str:
         image = rng.normal(0.0, 0.3, size=(2, 32, 32, 32)).astype(np.float32)
         image[0][mask] += 2.0  # bright on DWI
         image[1][mask] -= 1.0  # dark on ADC
+        arrays = LevelArrays(image=image, mask=mask.astype(np.uint8), affine=affine)
         store.write_subject(
             f"sub-{i:02d}",
-            {"32": LevelArrays(image=image, mask=mask.astype(np.uint8), affine=affine)},
+            {"native": arrays, "32": arrays},
             {"norm": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "region": "brain"}},
         )
     return url
@@ -124,6 +127,7 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
         raw = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
         loaded = load_checkpoint(d)
     assert raw["epoch"] == 0 and loaded.modalities == ["dwi", "adc"] and loaded.config.name == "resumable"
+    assert raw["postprocessing"]["min_lesion_ml"] == result.metrics["postprocess_min_lesion_ml"]
 
     client = tracking.client_for(mlflow_uri)
     run_id = result.mlflow_run_id
@@ -193,28 +197,3 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_local, tiny_store, tmp
     # The restarted group resumed: epoch 0 was trained once, epoch 1 once.
     epochs = result.metrics_dataframe["epoch"].tolist()
     assert epochs == [0, 1]
-
-
-def test_validation_overlay_shows_the_case_with_the_most_lesion(tmp_path):
-    from stroke_ray.models import build_model, size_multiple
-    from stroke_ray.train import validate
-
-    url = str(tmp_path / "val.zarr")
-    store = StrokeStore.create(url, ["dwi"], ["32"])
-    affine = cube_affine((32, 32, 32), np.diag([-2.0, 2.0, 2.0, 1.0]), 32)
-    for name, edge in (("sub-empty", 0), ("sub-big", 8), ("sub-small", 2)):
-        mask = np.zeros((32, 32, 32), np.uint8)
-        mask[10:10 + edge, 10:10 + edge, 10:10 + edge] = 1
-        store.write_subject(
-            name, {"32": LevelArrays(image=np.zeros((1, 32, 32, 32), np.float32), mask=mask, affine=affine)},
-            {"norm": {"mean": [0.0], "std": [1.0], "region": "brain"}},
-        )
-    cfg = tiny_config(url, tmp_path)
-    model = build_model(cfg.model, in_channels=1)
-    with torch.no_grad():  # a model that predicts no lesion anywhere
-        model.head.weight.zero_()
-        model.head.bias.fill_(-10.0)
-    sums, count, example = validate(model, StrokeStore.open(url), ["sub-empty", "sub-small", "sub-big"], cfg,
-                                    torch.device("cpu"), False, size_multiple(cfg.model))
-    assert count == 3 and example[0] == "sub-big" and int(example[2].sum()) == 512
-    assert sums["dice"] == pytest.approx(1.0)  # empty vs empty is 1, the two misses are 0

@@ -226,6 +226,9 @@ def train(
         "per-transform settings in the config stay)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)."),
+    folds: Optional[int] = typer.Option(
+        None, min=2, help="k-fold cross-validation: one run per fold, out-of-fold metrics, the fold ensemble."
+    ),
 ) -> None:
     """Train one model on Ray Train, tracked in MLflow; re-run the same name to resume."""
     from stroke_ray.config import TrainConfig
@@ -239,6 +242,11 @@ def train(
         raw["data"]["store"] = store
     if augment is not None:
         raw["augment"]["preset"] = augment
+    if folds is not None:
+        from stroke_ray.crossval import cross_validate
+
+        typer.echo(cross_validate(TrainConfig.from_dict(raw, source=str(config)), folds, address=address).summary())
+        return
     result = run_training(TrainConfig.from_dict(raw, source=str(config)), address=address)
     metrics = result.metrics or {}
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)
@@ -272,6 +280,9 @@ def tune(
         None, help="CPUs one trial's training workers hold in all (fractions allowed; overrides the space)."),
     gpus_per_trial: Optional[float] = typer.Option(
         None, help="GPUs per trial: 0.25 runs four trials on a GPU, 0 trains on CPUs (overrides the space)."),
+    retrain_folds: Optional[int] = typer.Option(
+        None, min=2, help="Retrain the best configuration on K folds; the fold ensemble becomes the champion.",
+    ),
 ) -> None:
     """Search hyper-parameters with Ray Tune + Optuna + ASHA; the best model becomes the champion when it beats the current one on the same held-out subjects (or with --promote)."""
     from stroke_ray.config import TrainConfig
@@ -283,15 +294,22 @@ def tune(
     base = TrainConfig.from_yaml(config) if config is not None else TrainConfig()
     if store is not None:
         base = base.model_copy(update={"data": base.data.model_copy(update={"store": store})})
+    sweep_name = name or SearchSpace.load(space).name
     result = run_sweep(
-        space, base, name=name or SearchSpace.load(space).name, storage_path=storage,
+        space, base, name=sweep_name, storage_path=storage,
         tracking_uri=tracking_uri, address=address, resume=resume, num_samples=num_samples,
         seed=seed, time_budget_s=time_budget, promote_best=promote, verbose=2 if verbose else 1,
         resources=resources,
+        register=retrain_folds is None,
     )
     typer.echo(result.summary())
     if result.best is None:
         raise typer.Exit(code=1)
+    if retrain_folds is not None:
+        from stroke_ray.crossval import retrain_best
+
+        cv = retrain_best(result, retrain_folds, tracking_uri=tracking_uri, address=address)
+        typer.echo(cv.summary())
 
 
 @app.command()

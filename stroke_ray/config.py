@@ -141,6 +141,10 @@ class DataConfig(_Strict):
     samples_per_volume: int = Field(8, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+    # k-fold cross-validation: validate on fold `fold` of `num_folds` (folds.fold_splits)
+    # instead of the val_fraction split; None = the val_fraction split.
+    fold: int | None = Field(None, ge=0)
+    num_folds: int = Field(5, ge=2)
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
     # RAM for whole subject levels per data-loading process (the training worker itself, or
     # each of its loader_workers): the hottest subjects stay in RAM, the rest are read
@@ -177,6 +181,12 @@ class DataConfig(_Strict):
     def patch(self) -> tuple[int, int, int]:
         """The patch size as three edges."""
         return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else tuple(self.patch_size)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _fold(self) -> "DataConfig":
+        if self.fold is not None and self.fold >= self.num_folds:
+            raise ValueError(f"fold {self.fold} is not one of the {self.num_folds} folds (0..{self.num_folds - 1})")
+        return self
 
 
 class OptimConfig(_Strict):

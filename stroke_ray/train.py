@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from stroke_ray.losses import build_loss
     from stroke_ray.models import build_model, size_multiple
     from stroke_ray.sampling import make_loader
-    from stroke_ray.splits import split_subjects, validation_subjects
+    from stroke_ray.splits import train_val_subjects
     from stroke_ray.store import StrokeStore
     from stroke_ray.validation import ValidationTotals, validate
 
@@ -128,9 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # data: the split is a pure function of the subject list and seed, so every worker agrees
     store = StrokeStore.open(cfg.data.store)
     modalities, normalization = store.modalities, store.normalization
-    train_subjects, _ = split_subjects(store.subjects(), cfg.data.val_fraction, cfg.data.split_seed)
-    val_subjects = validation_subjects(store.subjects(), cfg.data.val_fraction, cfg.data.split_seed,
-                                       cfg.val_max_subjects)
+    train_subjects, val_subjects = train_val_subjects(store.subjects(), cfg.data)
+    if cfg.val_max_subjects is not None:
+        val_subjects = val_subjects[: cfg.val_max_subjects]
     laps.mark("store")
 
     # model, loss, optimizer; identical initial weights on every worker (DDP also broadcasts)

@@ -67,6 +67,7 @@ def _config(store: str, **overrides) -> TrainConfig:
     })
 
 
+@pytest.mark.slow  # synthetic cases, a store, predict over four cases
 def test_native_validation_equals_predict_plus_metrics(synth_dataset, nifti_store, tmp_path):
     from stroke_ray.cli import app
 
@@ -106,6 +107,7 @@ def test_native_validation_equals_predict_plus_metrics(synth_dataset, nifti_stor
     assert example[0] in subjects and example[1].shape == store.image(example[0], NATIVE).shape
 
 
+@pytest.mark.slow  # synthetic cases and a store
 def test_store_case_is_the_case_predict_reads(synth_dataset, nifti_store):
     from stroke_ray.datasets import discover
     from stroke_ray.ingest import load_case
@@ -122,16 +124,17 @@ def test_store_case_is_the_case_predict_reads(synth_dataset, nifti_store):
     assert stored.attrs["norm"]["std"] == loaded.attrs["norm"]["std"]
 
 
+@pytest.mark.slow  # synthetic cases, a store, three predictions
 def test_predict_applies_the_stored_postprocessing(synth_dataset, nifti_store, tmp_path):
     from stroke_ray.predict import predict_dataset
 
     store = StrokeStore.open(nifti_store)
     cfg = _config(nifti_store)
-    model = dwi_threshold_unet(cfg, len(store.modalities), threshold=0.5)  # small false blobs
+    model = dwi_threshold_unet(cfg, len(store.modalities))  # finds small false blobs beside the lesions
     kwargs = {"modalities": store.modalities, "normalization": store.normalization, "epoch": 0, "config": cfg}
     save_checkpoint(tmp_path / "plain", model=model, **kwargs)
     save_checkpoint(tmp_path / "post", model=model, postprocessing=Postprocessing(min_lesion_ml=0.1), **kwargs)
-    one = {"subjects": ["sub-strokecase0001"], "tta_axes": (), "progress": False}
+    one = {"subjects": store.subjects()[:1], "tta_axes": (), "progress": False}
     plain = predict_dataset(synth_dataset, tmp_path / "plain", tmp_path / "a", **one)
     post = predict_dataset(synth_dataset, tmp_path / "post", tmp_path / "b", **one)
     override = predict_dataset(synth_dataset, tmp_path / "post", tmp_path / "c", min_lesion_ml=0.0, **one)

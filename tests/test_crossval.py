@@ -20,20 +20,20 @@ from stroke_ray.store import StrokeStore
 pytestmark = pytest.mark.slow
 
 
-def tiny(store: str, tmp_path, **overrides) -> TrainConfig:
+def tiny(store: str, tmp_path, uri: str, **overrides) -> TrainConfig:
     return TrainConfig.from_dict({
         "name": "cv", "experiment": "cv-test",
         "model": {"widths": [4, 8]},
         "data": {"store": store, "level": "32", "patch_size": 16, "sampler": "foreground",
                  "samples_per_volume": 2},
         "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "val_overlap": 0.0,
-        "storage_path": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "storage_path": str(tmp_path / "runs"), "tracking_uri": uri,
         **overrides,
     })
 
 
-def test_two_fold_cross_validation(ray_local, synth_store, tmp_path):
-    cfg = tiny(synth_store, tmp_path)
+def test_two_fold_cross_validation(ray_local, synth_store, tmp_path, new_mlflow_uri):
+    cfg = tiny(synth_store, tmp_path, new_mlflow_uri(tmp_path / "mlflow"))
     result = cross_validate(cfg, 2)
     subjects = StrokeStore.open(synth_store).subjects()
     folds = fold_splits(subjects, 2, cfg.data.split_seed)
@@ -76,16 +76,16 @@ def test_two_fold_cross_validation(ray_local, synth_store, tmp_path):
     assert loaded.postprocessing.min_lesion_ml == result.oof_metrics["postprocess_min_lesion_ml"]
 
 
-def test_too_many_folds_fail_before_any_run(synth_store, tmp_path):
+def test_too_many_folds_fail_before_any_run(synth_store, tmp_path, new_mlflow_uri):
     from stroke_ray.errors import ConfigError
 
-    cfg = tiny(synth_store, tmp_path)
+    cfg = tiny(synth_store, tmp_path, new_mlflow_uri(tmp_path / "mlflow"))
     with pytest.raises(ConfigError, match="--folds: 5 folds need 2 <= k <= the number of subjects"):
         cross_validate(cfg, 5)
     assert tracking.find_run(tracking.client_for(cfg.tracking_uri), "cv-test", "cv") is None
 
 
-def test_sweep_retrains_the_best_configuration_on_folds(ray_local, synth_store, tmp_path):
+def test_sweep_retrains_the_best_configuration_on_folds(ray_local, synth_store, tmp_path, new_mlflow_uri):
     from stroke_ray.cli import app
 
     space = tmp_path / "space.yaml"
@@ -95,9 +95,9 @@ def test_sweep_retrains_the_best_configuration_on_folds(ray_local, synth_store, 
                                      "data.patch_size": 16},
         "parameters": {"optim.lr": {"loguniform": [1e-3, 1e-2]}},
     }))
+    uri = new_mlflow_uri(tmp_path / "mlflow")
     base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(tiny(synth_store, tmp_path).model_dump(mode="json")))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base.write_text(yaml.safe_dump(tiny(synth_store, tmp_path, uri).model_dump(mode="json")))
     out = CliRunner().invoke(app, ["tune", "-s", str(space), "-c", str(base), "--storage", str(tmp_path / "sweeps"),
                                    "--tracking-uri", uri, "--retrain-folds", "2"])
     assert out.exit_code == 0, out.output

@@ -95,13 +95,13 @@ def test_members_must_be_one_kind_of_model(tmp_path):
 
 
 @pytest.mark.slow  # two predictions of the real case and an MLflow registry
-def test_ensemble_predicts_and_registers_like_a_single_model(tmp_path, isles_sample):
+def test_ensemble_predicts_and_registers_like_a_single_model(tmp_path, isles_sample, new_mlflow_uri):
     from stroke_ray import model_ref, tracking
     from stroke_ray.predict import predict_dataset
 
     one = _checkpoint(tmp_path / "one", seed=0, val_overlap=0.0)
     ens = save_ensemble(tmp_path / "ens", [one, one])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_uri(tmp_path / "mlflow")
     client = tracking.client_for(uri)
     run = tracking.get_or_create_run(client, "ensembles", "cv")
     version = model_ref.register_champion(model_ref.log_model(client, run, ens), client=client)
@@ -113,3 +113,26 @@ def test_ensemble_predicts_and_registers_like_a_single_model(tmp_path, isles_sam
         rows.append(report.rows[0])
     assert report.model_version == f"stroke-ray-segmenter/v{version}"
     assert rows[0]["volume_ml"] == rows[1]["volume_ml"] and rows[0]["dice"] == rows[1]["dice"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_an_ensemble_exports_like_a_single_model(tmp_path, fmt):
+    from stroke_ray.export import ProbabilityModel, export_model
+
+    a, b = _checkpoint(tmp_path / "a", seed=0), _checkpoint(tmp_path / "b", seed=1)
+    ens = save_ensemble(tmp_path / "ens", [a, b])
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    export_model(str(ens), out, fmt=fmt)
+    patch = torch.randn(2, len(MODALITIES), 16, 16, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ProbabilityModel(load_checkpoint(ens).model).eval()(patch).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": patch.numpy()})[0]
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(out))(patch).numpy()
+    assert got.shape == (2, 1, 16, 16, 32) and expected.std() > 0.01
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -55,7 +55,8 @@ def main() -> None:
     import torch
 
     from stroke_ray.ingest import load_case
-    from stroke_ray.predict import Segmenter, like_reference, nifti_bytes
+    from stroke_ray.predict import like_reference, nifti_bytes
+    from stroke_ray.segmenter import Segmenter
     from stroke_ray.service import start_server, stop_server
 
     files = {m: SAMPLE / "rawdata" / SUBJECT / SES / f"{SUBJECT}_{SES}_{m}.nii.gz" for m in MODALITIES}

@@ -9,7 +9,7 @@ serve`, and the model column of the MLflow UI.
 (e.g. dwi, adc, flair), each cell a NIfTI file path or a 3D array (then an optional `affine`
 column gives its 4x4 voxel-to-world matrix; identity, 1 mm voxels, when absent). Every case
 goes through the same reading, checks and sliding-window path as `stroke-ray predict`
-(`ingest.load_case`, `predict.Segmenter`), and the result has one row per case: the uint8
+(`ingest.load_case`, `segmenter.Segmenter`), and the result has one row per case: the uint8
 lesion mask on the reference modality's grid, its volume in ml and its lesion count.
 """
 
@@ -32,7 +32,8 @@ from stroke_ray import __version__
 from stroke_ray.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from stroke_ray.errors import InputFileError
 from stroke_ray.ingest import load_case
-from stroke_ray.predict import Segmenter, lesion_stats
+from stroke_ray.predict import lesion_stats
+from stroke_ray.segmenter import Segmenter
 
 __all__ = ["CHECKPOINT_ARTIFACT", "LesionSegmenter", "model_signature", "pip_requirements", "save_pyfunc"]
 

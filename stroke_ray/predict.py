@@ -3,9 +3,10 @@
 `predict_dataset` runs a trained checkpoint over a BIDS-like folder (ISLES'22 or ATLAS
 layout) or over one case given as {modality: file}. Every case goes through the same path
 as training data (`ingest.load_case`: validation, resampling onto the reference modality's
-grid, normalisation statistics) and `inference.predict_case` (resampling to the training
-level and back), so the mask comes out on the reference modality's own voxel grid and is
-written with that file's header: same shape, same affine, same qform/sform codes.
+grid, normalisation statistics) and `segmenter.Segmenter` (`inference.predict_case`:
+resampling to the training level and back, mirroring test-time augmentation; then the
+model's postprocessing), so the mask comes out on the reference modality's own voxel grid
+and is written with that file's header: same shape, same affine, same qform/sform codes.
 
 Outputs in the output folder::
 
@@ -31,136 +32,28 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from stroke_ray.checkpoint import load_checkpoint
-from stroke_ray.config import mirror_axes
 from stroke_ray.datasets import CaseFiles, Problem, discover
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
 from stroke_ray.files import atomic_write_bytes, strip_nifti_suffix
 from stroke_ray.grid import spacing_of
-from stroke_ray.inference import ALL_AXES, predict_case
 from stroke_ray.ingest import load_case
 from stroke_ray.metrics import METRIC_KEYS, isles_metrics
-from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint, version_label
-from stroke_ray.models import size_multiple
+from stroke_ray.model_ref import CHAMPION_URI
 from stroke_ray.nifti import ImageLimits
 from stroke_ray.outputs import check_apart
-from stroke_ray.postprocess import Postprocessing, remove_small_lesions
+from stroke_ray.segmenter import Segmenter
 
 __all__ = [
     "CSV_COLUMNS",
-    "default_device",
-    "default_tta_axes",
     "lesion_stats",
     "like_reference",
     "nifti_bytes",
     "predict_dataset",
     "save_nifti",
     "PredictReport",
-    "Segmenter",
 ]
 
 CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volume_ml", *METRIC_KEYS)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def default_device() -> str:
-    """The first GPU when there is one, else the CPU."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_tta_axes(config: Any) -> tuple[int, ...]:
-    """The mirroring axes used when none are asked for: all three, as nnU-Net predicts."""
-    return ALL_AXES
-
-
-@dataclass
-class Segmenter:
-    """A loaded checkpoint plus how to apply it: the unit that `predict` and `serve` share.
-
-    `threshold` and `min_lesion_ml` default to the checkpoint's stored postprocessing
-    (threshold 0.5 and no removal when it has none); `tta_axes` to `default_tta_axes`.
-    """
-
-    loaded: Any  # checkpoint.LoadedModel
-    model_ref: str
-    version: str
-    device: str = "cpu"
-    threshold: float | None = None
-    batch_size: int = 2
-    tta_axes: tuple[int, ...] | None = None
-    min_lesion_ml: float | None = None
-
-    @classmethod
-    def load(
-        cls,
-        model_ref: str | Path = CHAMPION_URI,
-        tracking_uri: str | None = None,
-        device: str | None = None,
-        threshold: float | None = None,
-        tta_axes: Sequence[int] | None = None,
-        min_lesion_ml: float | None = None,
-    ) -> "Segmenter":
-        """Resolve `model_ref`, load its weights (weights_only) and label its version.
-
-        Raises:
-            ConfigError: bad `tta_axes`, `threshold` or `min_lesion_ml`.
-        """
-        try:  # the overrides are checked before any model is fetched
-            axes = None if tta_axes is None else mirror_axes(tta_axes)
-            Postprocessing(min_lesion_ml=min_lesion_ml or 0.0, threshold=0.5 if threshold is None else threshold)
-        except ValueError as exc:
-            raise ConfigError(f"prediction settings: {exc}") from None
-        device = device or default_device()
-        path = resolve_checkpoint(model_ref, tracking_uri)
-        loaded = load_checkpoint(path, device=device)
-        version = version_label(model_ref, path, tracking_uri)
-        return cls(loaded=loaded, model_ref=str(model_ref), version=version, device=device,
-                   threshold=threshold, tta_axes=axes, min_lesion_ml=min_lesion_ml)
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.loaded.modalities)
-
-    @property
-    def mirror_axes(self) -> tuple[int, ...]:
-        """The test-time mirroring axes in use (() = none)."""
-        return default_tta_axes(self.loaded.config) if self.tta_axes is None else tuple(self.tta_axes)
-
-    @property
-    def postprocessing(self) -> Postprocessing:
-        """The checkpoint's postprocessing with this segmenter's overrides."""
-        stored = self.loaded.postprocessing
-        return Postprocessing(
-            min_lesion_ml=stored.min_lesion_ml if self.min_lesion_ml is None else float(self.min_lesion_ml),
-            threshold=stored.threshold if self.threshold is None else float(self.threshold),
-        )
-
-    def predict(self, case: Any):
-        """inference.Prediction for an ingest.PreparedCase, on the case's reference grid.
-
-        The mask is thresholded and rid of components below the minimum lesion size.
-        """
-        cfg = self.loaded.config
-        post = self.postprocessing
-        prediction = predict_case(
-            self.loaded.model,
-            case,
-            level=cfg.data.level,
-            patch_size=cfg.data.patch_size,
-            normalization=self.loaded.normalization,
-            overlap=cfg.val_overlap,
-            batch_size=self.batch_size,
-            device=self.device,
-            threshold=post.threshold,
-            multiple=size_multiple(cfg.model),
-            tta_axes=self.mirror_axes,
-        )
-        prediction.mask = remove_small_lesions(prediction.mask, spacing_of(prediction.affine), post.min_lesion_ml)
-        return prediction
 
 
 # --------------------------------------------------------------------------- outputs

@@ -54,7 +54,8 @@ from stroke_ray.files import NIFTI_SUFFIXES, strip_nifti_suffix
 from stroke_ray.ingest import load_case
 from stroke_ray.locations import absolute
 from stroke_ray.model_ref import CHAMPION_URI, version_label
-from stroke_ray.predict import Segmenter, lesion_stats, like_reference, nifti_bytes
+from stroke_ray.predict import lesion_stats, like_reference, nifti_bytes
+from stroke_ray.segmenter import Segmenter
 from stroke_ray.tracking import default_tracking_uri
 from stroke_ray.uploads import (
     UPLOAD_IMAGE_LIMITS,
@@ -91,7 +92,7 @@ class ReplicaSettings:
         docs: serve /docs and /openapi.json.
         device: torch device ("cpu", "cuda"); None picks the GPU when there is one.
         threshold: probability threshold of the mask; None = the model's stored one.
-        tta_axes: test-time mirroring axes (() = none); None = all three (`predict.Segmenter`).
+        tta_axes: test-time mirroring axes (() = none); None = all three (`segmenter.Segmenter`).
     """
 
     max_upload_bytes: int = 512 * 1024**2

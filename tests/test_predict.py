@@ -213,7 +213,7 @@ def test_earlier_results_are_kept_unless_overwrite(isles_sample, checkpoint, tmp
 def test_tta_and_postprocessing_settings(checkpoint, isles_sample, tmp_path):
     from stroke_ray.cli import app
     from stroke_ray.errors import ConfigError
-    from stroke_ray.predict import Segmenter
+    from stroke_ray.segmenter import Segmenter
     from stroke_ray.service import start_server
 
     assert Segmenter.load(checkpoint, device="cpu").mirror_axes == (0, 1, 2)  # nnU-Net's default

@@ -202,8 +202,9 @@ def cross_validate(
     storage = absolute(cfg.storage_path)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     fit = ray.remote(_fit_fold).options(num_cpus=DRIVER_CPU, max_retries=0)
-    score = ray.remote(_score_fold).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
-                                            max_retries=0)
+    # Scoring a fold takes what one of its training workers held.
+    score = ray.remote(_score_fold).options(num_cpus=cfg.cpus_per_worker,
+                                            num_gpus=cfg.gpus_per_worker if use_gpu else 0, max_retries=0)
     limit = trial_concurrency(cfg)
 
     fold_cfgs = [fold_config(cfg, i, k) for i in range(k)]

@@ -31,7 +31,7 @@ import torch
 from stroke_ray.checkpoint import load_checkpoint
 from stroke_ray.config import TrainConfig
 from stroke_ray.grid import cube_affine
-from stroke_ray.store import LevelArrays, StrokeStore
+from stroke_ray.store import NATIVE, LevelArrays, StrokeStore
 from stroke_ray.train import build_trainer, train_loop_per_worker
 
 pytestmark = pytest.mark.slow
@@ -39,9 +39,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store4(tmp_path_factory) -> str:
-    """Five 2-channel 32^3 subjects with a bright lesion each (level "32"): 4 train, 1 val."""
+    """Five 2-channel 32^3 subjects with a bright lesion each (levels "native" and "32", one
+    grid: validation scores each case on its own grid): 4 train, 1 val."""
     url = str(tmp_path_factory.mktemp("store") / "ddp.zarr")
-    store = StrokeStore.create(url, ["dwi", "adc"], ["32"])
+    store = StrokeStore.create(url, ["dwi", "adc"], [NATIVE, "32"])
     rng = np.random.default_rng(1)
     grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"))
     affine = cube_affine((32, 32, 32), np.diag([-2.0, 2.0, 2.0, 1.0]), 32)
@@ -51,9 +52,10 @@ def store4(tmp_path_factory) -> str:
         image = rng.normal(0.0, 0.3, size=(2, 32, 32, 32)).astype(np.float32)
         image[0][mask] += 2.0
         image[1][mask] -= 1.0
+        arrays = LevelArrays(image=image, mask=mask.astype(np.uint8), affine=affine)
         store.write_subject(
             f"sub-{i:02d}",
-            {"32": LevelArrays(image=image, mask=mask.astype(np.uint8), affine=affine)},
+            {NATIVE: arrays, "32": arrays},
             {"norm": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "region": "brain"}},
         )
     return url

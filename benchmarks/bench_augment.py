@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from stroke_ray.augment import augment_batch, step_generator
-from stroke_ray.config import AugmentConfig
+from stroke_ray.augment_config import AugmentConfig
 
 SETTINGS = {
     "none": AugmentConfig(preset="none"),

@@ -1,4 +1,4 @@
-"""Is the sweep's trial clean-up (tune._TrialCleanup) still needed when local Ray runs its dashboard?
+"""Is the sweep's trial clean-up (tune_trial.TrialCleanup) still needed when local Ray runs its dashboard?
 
 Usage: .venv/bin/python benchmarks/probe_trial_cleanup.py VARIANT WORKDIR   (with | without | bare)
 "with": the sweep as shipped. "without": the placement-group release is replaced by a probe
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray.tune.stopper import MaximumIterationStopper
 
-from stroke_ray import ray_compat
+from stroke_ray import ray_compat, tune_trial
 from stroke_ray import tune as tune_mod
 from stroke_ray.config import TrainConfig
 from stroke_ray.raycluster import connect
@@ -35,7 +35,7 @@ def orphans():
     job = ray.get_runtime_context().get_job_id()
     return sorted(pg for pg, info in placement_group_table().items()
                   if pg.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
-                  and list(info.get("bundles", {}).values()) != [{"CPU": tune_mod.DRIVER_CPU}])
+                  and list(info.get("bundles", {}).values()) != [{"CPU": tune_trial.DRIVER_CPU}])
 
 
 def probe(keep_bundle):
@@ -72,7 +72,7 @@ result = tune_mod.run_sweep(space, base, name=f"probe-{variant}", storage_path=s
                             tracking_uri=f"sqlite:///{work / 'mlflow.db'}", num_samples=4, seed=1,
                             verbose=0, time_budget_s=1500,
                             # Every trial is stopped by Tune after 2 of its 4 epochs, while its
-                            # Train run is still going: the case _TrialCleanup exists for.
+                            # Train run is still going: the case TrialCleanup exists for.
                             stopper=MaximumIterationStopper(2))
 wall = time.time() - t0
 time.sleep(15)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stroke_ray.augment_config import AugmentConfig
 from stroke_ray.augment_intensity import intensity_transform
 from stroke_ray.augment_spatial import flip_batch, spatial_transform
-from stroke_ray.config import AugmentConfig
 
 __all__ = ["augment_batch", "default_air", "step_generator"]
 

@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stroke_ray.augment_config import AugmentConfig
 from stroke_ray.augment_spatial import chosen, gaussian_blur, uniform
-from stroke_ray.config import AugmentConfig
 
 __all__ = ["intensity_transform"]
 

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stroke_ray.config import AugmentConfig
+from stroke_ray.augment_config import AugmentConfig
 
 __all__ = ["flip_batch", "gaussian_blur", "rotation_matrices", "spatial_transform", "voxel_affine_grid"]
 

@@ -47,7 +47,7 @@ from stroke_ray.splits import fold_splits
 from stroke_ray.store import StrokeStore
 from stroke_ray.tracking import KIND_TAG
 from stroke_ray.train import check_inputs
-from stroke_ray.tune import DRIVER_CPU, trial_concurrency
+from stroke_ray.tune_trial import DRIVER_CPU, trial_concurrency
 from stroke_ray.validation import ValidationTotals
 
 __all__ = ["CrossValidation", "FoldResult", "cross_validate", "fold_config", "retrain_best"]

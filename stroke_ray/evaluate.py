@@ -1,6 +1,6 @@
 """A checkpoint's held-out score on given subjects, measured the way training measures it.
 
-Promotion (`model_ref.promote`) needs the current champion's score on a challenger's
+Promotion (`promotion.promote`) needs the current champion's score on a challenger's
 validation subjects when the two were validated on different ones. This rebuilds the
 checkpoint's model and runs the same `validation.validate` (each case predicted at the
 checkpoint's own training level and scored on its native grid, ISLES'22 metrics) on those

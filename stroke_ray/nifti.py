@@ -12,8 +12,7 @@ the same three steps:
    (vox_offset + voxel bytes): a stream that ends early is truncated, a stream that decodes
    to more is refused at its first extra byte. Memory therefore never exceeds what the
    limits allow, whatever the file holds (a gzip bomb decodes no further than its header's
-   promise). `zlib.decompressobj(...).decompress(data, max_length)` does the capping;
-   `gzip.decompress` would decode everything first.
+   promise). `stream_decoder.StreamDecoder` does the capping.
 3. The voxel array is a view of the decode buffer (scaled to float32 when the header has a
    slope or intercept), so an image costs its decoded size once.
 
@@ -25,7 +24,6 @@ field) and what is wrong. Values (NaN, inf, all-zero images) are checked by the 
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +33,7 @@ import numpy as np
 
 from stroke_ray.errors import ConfigError, InputFileError
 from stroke_ray.grid import spacing_of
+from stroke_ray.stream_decoder import StreamDecoder
 
 __all__ = [
     "GIB",
@@ -47,11 +46,8 @@ __all__ = [
 ]
 
 GIB = 1024**3
-GZIP_MAGIC = b"\x1f\x8b"
-# Raw input is fed to the decoder in pieces of this size, and no single decoded piece is
-# larger than _PIECE: the transient memory of a read beyond its output buffer.
+# Raw input is fed to the decoder in pieces of this size.
 _CHUNK = 1 << 20
-_PIECE = 8 << 20
 # sizeof_hdr of NIfTI-1 and NIfTI-2 headers; the 4 bytes after the header are the
 # extension flag, so the image data can start no earlier than this.
 _HEADER_SIZES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
@@ -210,101 +206,7 @@ def check_header(
     return HeaderInfo(header, shape, dtype, vox_offset, data_bytes, affine, problem)
 
 
-class _Decoder:
-    """Decoded bytes of a plain or gzip stream, pulled on demand, never more than asked.
-
-    `chunks` yields the raw bytes; gzip is recognised by its magic number, not the file
-    name. Concatenated gzip members and zero padding after the last one are accepted, as
-    the gzip tool does.
-    """
-
-    def __init__(self, chunks: Iterator[bytes], source: str, digest: "hashlib._Hash | None"):
-        self._chunks = chunks
-        self._source = source
-        self._digest = digest
-        first = self._next_input() or b""
-        self.gzipped = bytes(first[:2]) == GZIP_MAGIC
-        self._pending = first
-        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzipped else None
-        self.decoded = 0  # bytes decoded so far
-        self.cut = False  # a gzip stream that ended without its end marker
-
-    def _next_input(self) -> bytes | None:
-        for chunk in self._chunks:
-            if len(chunk):
-                if self._digest is not None:
-                    self._digest.update(chunk)
-                return chunk
-        return None
-
-    def _piece(self, max_out: int) -> bytes:
-        """At most `max_out` decoded bytes; b"" only at the end of the stream."""
-        while True:
-            if self._inflate is None:
-                data = self._pending if len(self._pending) else self._next_input()
-                if data is None:
-                    return b""
-                piece, self._pending = bytes(data[:max_out]), data[max_out:]
-                self.decoded += len(piece)
-                return piece
-            if self._inflate.eof:
-                rest = self._inflate.unused_data or self._pending or self._next_input()
-                self._pending = b""
-                while rest is not None and not bytes(rest).strip(b"\0"):
-                    rest = self._next_input()
-                if rest is None:
-                    return b""
-                rest = bytes(rest).lstrip(b"\0")
-                if rest[:2] != GZIP_MAGIC:
-                    raise InputFileError(self._source, "corrupt gzip data (unexpected bytes after the end of the stream)")
-                self._inflate, self._pending = zlib.decompressobj(16 + zlib.MAX_WBITS), rest
-                continue
-            data = self._inflate.unconsumed_tail or self._pending or self._next_input()
-            self._pending = b""
-            try:
-                if data is None:
-                    # Input used up: zlib may still hold output; if not, the stream was cut.
-                    piece = self._inflate.decompress(b"", max_out)
-                    if piece:
-                        return piece
-                    if self._inflate.eof:
-                        continue
-                    self.cut = True  # the caller words it: it knows what was promised
-                    return b""
-                piece = self._inflate.decompress(data, max_out)
-            except zlib.error as exc:
-                raise InputFileError(self._source, f"corrupt gzip data ({exc})") from None
-            if piece:
-                self.decoded += len(piece)
-                return piece
-
-    def read_into(self, out: memoryview) -> int:
-        """Fill `out`; returns the bytes written (fewer only at the end of the stream)."""
-        filled = 0
-        while filled < len(out):
-            piece = self._piece(min(_PIECE, len(out) - filled))
-            if not piece:
-                break
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
-        return filled
-
-    def skip(self, n: int) -> int:
-        """Decode and drop `n` bytes (header extensions); returns how many there were."""
-        done = 0
-        while done < n:
-            piece = self._piece(min(_PIECE, n - done))
-            if not piece:
-                break
-            done += len(piece)
-        return done
-
-    def at_end(self) -> bool:
-        """True when nothing more decodes; a gzip stream must also end with its trailer."""
-        return not self._piece(1) and not self.cut
-
-
-def _parse_header(decoder: _Decoder, source: str) -> tuple[nib.Nifti1Header, int]:
+def _parse_header(decoder: StreamDecoder, source: str) -> tuple[nib.Nifti1Header, int]:
     head = bytearray(4)
     if decoder.read_into(memoryview(head)) < 4:
         empty = decoder.decoded == 0 and not decoder.gzipped
@@ -328,7 +230,7 @@ def _parse_header(decoder: _Decoder, source: str) -> tuple[nib.Nifti1Header, int
 
 def _read(chunks: Iterator[bytes], source: str, limits: ImageLimits, allow_bad_affine: bool,
           digest: "hashlib._Hash | None") -> NiftiRead:
-    decoder = _Decoder(chunks, source, digest)
+    decoder = StreamDecoder(chunks, source, digest)
     header, header_size = _parse_header(decoder, source)
     info = check_header(header, source, limits, allow_bad_affine=allow_bad_affine)
     # Extensions between the header and the voxels are decoded and dropped: they are

@@ -37,7 +37,7 @@ class TrialResources(BaseModel):
     None keeps the base config's per-worker settings. A trial's `num_workers` workers split
     them evenly (`cpus_per_worker = cpus_per_trial / num_workers`); `gpus_per_trial: 0`
     trains on CPUs, anything above turns `use_gpu` on. The trial's driver holds 0.01 CPU
-    beside them (`tune.DRIVER_CPU`). This model is the one place both settings are checked,
+    beside them (`tune_trial.DRIVER_CPU`). This model is the one place both settings are checked,
     whether they come from a search-space file or from `stroke-ray tune`'s flags.
     """
 

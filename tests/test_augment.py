@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stroke_ray.augment import augment_batch, default_air, step_generator
-from stroke_ray.config import AUGMENT_PRESETS, AugmentConfig, TrainConfig
+from stroke_ray.augment_config import AUGMENT_PRESETS, AugmentConfig
+from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError
 
 N = 32

@@ -6,7 +6,8 @@ import pytest
 from helpers import make_checkpoint
 
 from stroke_ray import tracking
-from stroke_ray.model_ref import CHAMPION_ALIAS, REGISTERED_MODEL, HeldOutScore, promote
+from stroke_ray.model_ref import CHAMPION_ALIAS, REGISTERED_MODEL
+from stroke_ray.promotion import HeldOutScore, promote
 
 # A fresh MLflow registry takes tens of seconds to create on a loaded machine.
 pytestmark = pytest.mark.slow

@@ -8,7 +8,8 @@ import optuna
 import pytest
 import yaml
 
-from stroke_ray.config import AUGMENT_PRESETS, TrainConfig
+from stroke_ray.augment_config import AUGMENT_PRESETS
+from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError
 from stroke_ray.resources import search_space_file
 from stroke_ray.search_space import SearchSpace, TrialResources
@@ -213,7 +214,7 @@ def test_search_space_accepts_nested_augment_fields():
 
 
 def test_trial_resources_split_over_workers_and_pack_trials():
-    from stroke_ray.tune import trial_concurrency
+    from stroke_ray.tune_trial import trial_concurrency
 
     space = SearchSpace.from_dict({
         "gpus_per_trial": 0.25, "cpus_per_trial": 3,

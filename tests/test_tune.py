@@ -11,7 +11,8 @@ from stroke_ray.config import TrainConfig
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.resources import search_space_file
 from stroke_ray.tracking import TAG_TRIAL
-from stroke_ray.tune import run_sweep, trial_concurrency
+from stroke_ray.tune import run_sweep
+from stroke_ray.tune_trial import trial_concurrency
 
 # Ray Train / Tune / Serve: the whole module is in the slow suite.
 pytestmark = pytest.mark.slow

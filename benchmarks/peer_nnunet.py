@@ -53,7 +53,7 @@ VAL_ITERATIONS_PER_EPOCH = 5
 
 
 def run_nnunet(train_dir: str | Path, test_dir: str | Path, work_dir: str | Path, budget_s: float = 1800.0,
-               seed: int = 0, threads: int = 2) -> dict[str, Path]:
+               seed: int = 0, threads: int = 2, clock: str = "wall") -> dict[str, Path]:
     """Train nnU-Net v2 3d_fullres on `train_dir` for `budget_s` seconds and predict `test_dir`.
 
     Args:
@@ -61,8 +61,10 @@ def run_nnunet(train_dir: str | Path, test_dir: str | Path, work_dir: str | Path
         test_dir: a stroke-ray store, an nnU-Net v2 raw dataset folder (its imagesTs, else
             imagesTr) or a folder of `<case>_<channel:04d>.nii.gz` files.
         work_dir: a new or empty folder (or one an earlier run of this function made).
-        budget_s: wall-clock seconds of training (preprocessing and prediction are extra
-            and reported separately).
+        budget_s: seconds of training (preprocessing and prediction are extra and reported
+            separately).
+        clock: "wall" for wall-clock seconds, "process" for the training process's CPU
+            seconds (what stroke-ray's `time_budget_clock: process` counts).
         seed: seeds Python, numpy and torch in the child process.
         threads: torch threads.
 
@@ -78,7 +80,7 @@ def run_nnunet(train_dir: str | Path, test_dir: str | Path, work_dir: str | Path
            "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
            "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_compile": "f", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--train", str(train_dir), "--test", str(test_dir),
-           "--work", str(work), "--budget", str(budget_s), "--seed", str(seed), "--threads", str(threads),
+           "--work", str(work), "--budget", str(budget_s), "--seed", str(seed), "--threads", str(threads), "--clock", clock,
            "--in-process"]
     with open(work / "peer.log", "w") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -134,13 +136,16 @@ def _cases(images: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- the run
 
 
-def _trainer_class(budget_s: float):
+def _trainer_class(budget_s: float, clock: str = "wall"):
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerBudget(nnUNetTrainer):
-        """nnU-Net's default trainer for a wall-clock budget: short epochs, a poly LR
-        schedule stretched over the epochs the budget allows, stops when it is spent."""
+        """nnU-Net's default trainer for a time budget: short epochs, a poly LR schedule
+        stretched over the epochs the budget allows, stops when it is spent. The budget is
+        wall-clock seconds, or with clock "process" this process's CPU seconds (all its
+        threads; augmentation runs in it, nnUNet_n_proc_DA=0), as stroke-ray's
+        `time_budget_clock: process` counts them."""
 
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
@@ -155,13 +160,14 @@ def _trainer_class(budget_s: float):
 
         def run_training(self):
             self.on_train_start()
-            start, cpu_start = time.perf_counter(), time.process_time()
+            now = time.process_time if clock == "process" else time.perf_counter
+            start, cpu_start = now(), time.process_time()
 
             def spent() -> float:
-                return time.perf_counter() - start
+                return now() - start
 
             while self.current_epoch < self.num_epochs:
-                epoch_start = time.perf_counter()
+                epoch_start = now()
                 self.on_epoch_start()
                 self.on_train_epoch_start()
                 outputs = []
@@ -169,7 +175,7 @@ def _trainer_class(budget_s: float):
                 # iterations that close the epoch: the last epoch is cut short, not overrun.
                 while len(outputs) < self.num_iterations_per_epoch:
                     if outputs and self.val_seconds is None:  # first epoch: a forward pass ~ 1/3 step
-                        step = (time.perf_counter() - epoch_start) / len(outputs)
+                        step = (now() - epoch_start) / len(outputs)
                         reserve = step * self.num_val_iterations_per_epoch / 3
                     else:
                         reserve = self.val_seconds or 0.0
@@ -180,15 +186,15 @@ def _trainer_class(budget_s: float):
                     break
                 self.iterations += len(outputs)
                 self.on_train_epoch_end(outputs)
-                val_start = time.perf_counter()
+                val_start = now()
                 with torch.no_grad():
                     self.on_validation_epoch_start()
                     val = [self.validation_step(next(self.dataloader_val))
                            for _ in range(self.num_val_iterations_per_epoch)]
                     self.on_validation_epoch_end(val)
-                self.val_seconds = time.perf_counter() - val_start
+                self.val_seconds = now() - val_start
                 self.on_epoch_end()  # increments current_epoch
-                self.epoch_seconds.append(time.perf_counter() - epoch_start)
+                self.epoch_seconds.append(now() - epoch_start)
                 self.cpu_seconds = time.process_time() - cpu_start
                 per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds)
                 # Stretch or shrink the poly schedule so that it ends with the budget.
@@ -252,7 +258,7 @@ def _run(args) -> None:
     os.environ["nnUNet_n_proc_DA"] = "0"
     torch.set_num_threads(args.threads)
     plans["continue_training"] = False  # as nnU-Net's own run_training passes it (the trainer pops it)
-    trainer = _trainer_class(args.budget)(plans, CONFIGURATION, "all", dataset_json, torch.device("cpu"))
+    trainer = _trainer_class(args.budget, args.clock)(plans, CONFIGURATION, "all", dataset_json, torch.device("cpu"))
     if "train_s" in earlier:
         trainer.initialize()
         trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
@@ -304,7 +310,7 @@ def _run(args) -> None:
                  "normalization": plan.get("normalization_schemes")},
         "iterations_per_s": iterations / train_loop_s if train_loop_s else 0.0,
         "cpu_seconds_per_iteration": times["train_cpu_s"] / iterations if iterations and times["train_cpu_s"] else None,
-        "budget_s": args.budget, "seed": args.seed, "threads": args.threads, **times,
+        "budget_s": args.budget, "clock": args.clock, "seed": args.seed, "threads": args.threads, **times,
         "ema_pseudo_dice": _ema_pseudo_dice(trainer),
         "load_average": open("/proc/loadavg").read().split()[:3],
     }
@@ -327,7 +333,9 @@ def main() -> None:
     ap.add_argument("--train", type=Path, required=True, help="stroke-ray store or nnU-Net raw dataset")
     ap.add_argument("--test", type=Path, required=True, help="stroke-ray store, raw dataset or image folder")
     ap.add_argument("--work", type=Path, required=True, help="work folder (nnU-Net's folders go inside)")
-    ap.add_argument("--budget", type=float, default=1800.0, help="training wall-clock seconds")
+    ap.add_argument("--budget", type=float, default=1800.0, help="training seconds (see --clock)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="the budget's clock: wall-clock or this process's CPU seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)

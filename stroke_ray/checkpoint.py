@@ -176,13 +176,16 @@ def _member_states(file: Path, state: dict, count: int) -> list[dict]:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model (or ensemble) stored in a checkpoint file or a directory holding one.
 
+    The stored config is read with `TrainConfig.from_stored`: checkpoints written before a
+    config key was renamed load with it under its new name.
+
     Raises:
         InputFileError: the file is missing, unreadable, not a checkpoint, or its weights do
             not fit its config.
     """
     file = checkpoint_file(path)
     payload = read_checkpoint(file)
-    config = TrainConfig.from_dict(payload["config"], source=str(file))
+    config = TrainConfig.from_stored(payload["config"], source=str(file))
     in_channels = len(payload["modalities"])
     members = int((payload.get("ensemble") or {}).get("members", 1))
     if payload.get("ensemble"):

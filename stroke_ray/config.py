@@ -138,6 +138,7 @@ class DataConfig(_Strict):
     @classmethod
     def _renamed(cls, raw: object) -> object:
         # `data.num_workers` was easy to mistake for the Ray Train workers (`num_workers`).
+        # A user's file gets this error; a checkpoint's config is migrated (`from_stored`).
         if isinstance(raw, dict) and "num_workers" in raw:
             raise PydanticCustomError(
                 "renamed", "num_workers was renamed loader_workers (DataLoader processes per training worker)"
@@ -178,6 +179,11 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     schedule: Literal["constant", "cosine", "poly"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
+
+
+# Keys renamed since checkpoints began to carry their config: (section, old name) -> new
+# name. `TrainConfig.from_stored` reads old checkpoints through this table.
+_RENAMED_KEYS = {("data", "num_workers"): "loader_workers"}
 
 
 class TrainConfig(_Strict):
@@ -238,6 +244,26 @@ class TrainConfig(_Strict):
         """
         path = config_file(path)
         return cls.from_dict(read_yaml(path, "config file") or {}, source=str(path))
+
+    @classmethod
+    def from_stored(cls, raw: Mapping[str, Any], source: str = "stored config") -> "TrainConfig":
+        """Validate a config stored by an earlier stroke-ray (a checkpoint's), old key names migrated.
+
+        A stored config records what was trained and cannot be edited, so keys renamed since
+        (`_RENAMED_KEYS`) are read under their new names; a config file a user writes gets
+        the error naming the new key instead (`DataConfig`). A stored config holding both
+        names keeps the new one's value.
+
+        Raises:
+            ConfigError: what migration does not fix, naming `source` and the field.
+        """
+        tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+        for (section, old), new in _RENAMED_KEYS.items():
+            part = tree.get(section)
+            if isinstance(part, dict) and old in part:
+                value = part.pop(old)
+                part.setdefault(new, value)
+        return cls.from_dict(tree, source=source)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":

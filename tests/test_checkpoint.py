@@ -87,3 +87,19 @@ def test_missing_and_corrupt_checkpoints_give_one_clear_error(tmp_path):
     torch.save(raw, mismatched)
     with pytest.raises(StrokeRayError, match=r"mismatched\.pt: weights do not fit"):
         load_checkpoint(mismatched)
+
+
+def test_checkpoint_with_the_old_loader_workers_key_loads_migrated(tmp_path):
+    # Checkpoints written before data.num_workers became data.loader_workers carry the old key.
+    cfg = TrainConfig.from_dict({**TINY, "data": {**TINY["data"], "loader_workers": 3}})
+    model, _, x = _trained_bits(cfg)
+    path = save_checkpoint(tmp_path, model=model, epoch=1, config=cfg, modalities=["dwi", "adc"], normalization="zscore")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["data"]["num_workers"] = payload["config"]["data"].pop("loader_workers")
+    torch.save(payload, path)
+
+    loaded = load_checkpoint(path)
+    assert loaded.config == cfg and loaded.config.data.loader_workers == 3
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))

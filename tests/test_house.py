@@ -84,3 +84,22 @@ def test_old_data_num_workers_key_names_its_new_name(tmp_path):
     with pytest.raises(ConfigError, match=r"old.yaml: data: num_workers was renamed loader_workers"):
         TrainConfig.from_yaml(path)
     assert TrainConfig.from_dict({"data": {"loader_workers": 2}}).data.loader_workers == 2
+
+
+def test_stored_config_with_the_old_num_workers_key_is_migrated():
+    from stroke_ray.config import TrainConfig
+    from stroke_ray.errors import ConfigError
+
+    stored = {"name": "old-run", "num_workers": 1, "data": {"num_workers": 2, "level": "32"}}
+    migrated = TrainConfig.from_stored(stored, source="old.pt")
+    assert migrated.data.loader_workers == 2 and migrated.num_workers == 1 and migrated.data.level == "32"
+    assert stored["data"] == {"num_workers": 2, "level": "32"}  # the caller's dict is left as it was
+    # both names: the new one counts
+    both = TrainConfig.from_stored({"data": {"num_workers": 2, "loader_workers": 4}})
+    assert both.data.loader_workers == 4
+    # migration fixes renamed keys only: anything else invalid is still an error naming the source
+    with pytest.raises(ConfigError, match=r"old.pt: data.threshold"):
+        TrainConfig.from_stored({"data": {"num_workers": 2, "threshold": 3.0}}, source="old.pt")
+    # a new config file with the old key still gets the error naming the new key
+    with pytest.raises(ConfigError, match="num_workers was renamed loader_workers"):
+        TrainConfig.from_dict({"data": {"num_workers": 2}})

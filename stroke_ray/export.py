@@ -26,7 +26,7 @@ from stroke_ray.checkpoint import load_checkpoint
 from stroke_ray.errors import ConfigError
 from stroke_ray.files import atomic_path, atomic_write_text
 from stroke_ray.inference import foreground_probability, window_size
-from stroke_ray.model_ref import resolve_checkpoint, version_label
+from stroke_ray.model_ref import pin_version, resolve_checkpoint, version_label
 from stroke_ray.models import size_multiple
 
 __all__ = ["FORMATS", "ONNX_OPSET", "ExportedModel", "ProbabilityModel", "export_model"]
@@ -82,7 +82,9 @@ def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", track
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    checkpoint = resolve_checkpoint(model, tracking_uri)
+    # The alias is read once: the weights exported and the version named are the same.
+    pinned = pin_version(model, tracking_uri)
+    checkpoint = resolve_checkpoint(pinned, tracking_uri)
     loaded = load_checkpoint(checkpoint, device="cpu")
     cfg = loaded.config
     multiple = size_multiple(cfg.model)
@@ -107,7 +109,7 @@ def export_model(model: str | Path, output: str | Path, fmt: str = "onnx", track
                 traced = torch.jit.trace(wrapped, (example,), check_trace=False)
                 torch.jit.save(traced, str(tmp))
     result = ExportedModel(
-        path=str(output), format=fmt, model=str(model), model_version=version_label(model, checkpoint, tracking_uri),
+        path=str(output), format=fmt, model=str(model), model_version=version_label(pinned, checkpoint, tracking_uri),
         modalities=list(loaded.modalities), normalization=loaded.normalization, level=cfg.data.level,
         patch_size=list(window), size_multiple=multiple,
     )

@@ -7,9 +7,9 @@ A model reference is one of
     runs:/<run_id>/model                    a run's logged model artifact
     /path/to/checkpoint.pt or /path/to/dir  a checkpoint file, or a folder holding one
 
-`parse` tells them apart, `resolve_checkpoint` turns any of them into a local
-`checkpoint.pt` (downloading registry and run artifacts), `version_label` names the exact
-weights for logs and HTTP headers, `log_model` logs a checkpoint to a run and
+`parse` tells them apart, `pin_version` turns an alias into the version it points at,
+`resolve_checkpoint` turns any of them into a local `checkpoint.pt` (downloading registry
+and run artifacts), `version_label` names the exact weights for logs and HTTP headers, `log_model` logs a checkpoint to a run and
 `register_champion` points the champion alias at a version. Every other module goes
 through these functions; the champion's name is written only here.
 """
@@ -34,6 +34,7 @@ __all__ = [
     "ModelRef",
     "log_model",
     "parse",
+    "pin_version",
     "register_champion",
     "register_run_version",
     "resolve_checkpoint",
@@ -171,6 +172,32 @@ def resolve_checkpoint(model_ref: str | Path, tracking_uri: str | None = None, d
         return _checkpoint_in(downloaded)
     except StrokeRayError as exc:
         raise StrokeRayError(f"{ref.text}: the referenced artifact holds no checkpoint.pt") from exc
+
+
+def pin_version(model_ref: str | Path, tracking_uri: str | None = None) -> str:
+    """`models:/name@alias` as the version the alias points at now (`models:/name/N`); any
+    other reference unchanged.
+
+    Resolve and label the pinned reference (`resolve_checkpoint`, `version_label`), not
+    the alias: the alias is then looked up once, so the weights downloaded and the version
+    named are the same even when the alias moves in between.
+
+    Raises:
+        StrokeRayError: an alias MLflow cannot resolve.
+    """
+    if Path(str(model_ref)).expanduser().exists():  # a local path first, as resolve_checkpoint
+        return str(model_ref)
+    ref = parse(model_ref)
+    if ref.kind != "alias":
+        return str(model_ref)
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(ref.name, ref.alias).version
+    except MlflowException as exc:
+        raise StrokeRayError(f"{ref.text}: cannot resolve in {client.tracking_uri} ({exc.message})") from exc
+    return f"models:/{ref.name}/{version}"
 
 
 def version_label(model_ref: str | Path, checkpoint: Path, tracking_uri: str | None = None) -> str:

@@ -23,7 +23,7 @@ from stroke_ray.config import mirror_axes
 from stroke_ray.errors import ConfigError
 from stroke_ray.grid import spacing_of
 from stroke_ray.inference import ALL_AXES, Prediction, predict_case
-from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint, version_label
+from stroke_ray.model_ref import CHAMPION_URI, pin_version, resolve_checkpoint, version_label
 from stroke_ray.models import size_multiple
 from stroke_ray.postprocess import Postprocessing, remove_small_lesions
 
@@ -78,9 +78,11 @@ class Segmenter:
         except ValueError as exc:
             raise ConfigError(f"prediction settings: {exc}") from None
         device = device or default_device()
-        path = resolve_checkpoint(model_ref, tracking_uri)
+        # The alias is read once: the weights and their label are the same version.
+        pinned = pin_version(model_ref, tracking_uri)
+        path = resolve_checkpoint(pinned, tracking_uri)
         loaded = load_checkpoint(path, device=device)
-        version = version_label(model_ref, path, tracking_uri)
+        version = version_label(pinned, path, tracking_uri)
         return cls(loaded=loaded, model_ref=str(model_ref), version=version, device=device,
                    threshold=threshold, tta_axes=axes, min_lesion_ml=min_lesion_ml)
 

@@ -100,3 +100,45 @@ def test_version_label_names_registry_versions_and_hashes_files(client, tmp_path
     assert model_ref.version_label("models:/seg/4", ckpt) == "seg/v4"
     label = model_ref.version_label(str(ckpt), ckpt)
     assert label.startswith("sha256:") and label == model_ref.version_label(str(ckpt.parent), ckpt.parent)
+
+
+def test_an_alias_is_pinned_to_one_version_for_download_and_label(client, tmp_path):
+    """The weights fetched for models:/name@alias and the version named are the same, even
+    when the alias moves between the lookup and the download."""
+    from stroke_ray.segmenter import Segmenter
+
+    uri, name = client.tracking_uri, "pin-test"
+    run = tracking.get_or_create_run(client, "exp-pin", "pin")
+    x = torch.randn(1, 1, 8, 8, 8)
+    outputs = {}
+    for seed in (1, 2):
+        cfg = TrainConfig.from_dict({"model": {"widths": [4, 8, 16]}})
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, in_channels=1).eval()
+        ckpt = save_checkpoint(tmp_path / f"ckpt{seed}", model=model, epoch=1, config=cfg, modalities=["t1w"],
+                               normalization="zscore")
+        uri_of_version = model_ref.log_model(client, run, ckpt, registered_name=name, artifact_path=f"model{seed}")
+        with torch.no_grad():
+            outputs[uri_of_version.rsplit("/", 1)[1]] = model(x)
+    assert sorted(outputs) == ["1", "2"]
+    alias = f"models:/{name}@current"
+    model_ref.register_champion(f"models:/{name}/1", name=name, alias="current", tracking_uri=uri)
+
+    pinned = model_ref.pin_version(alias, uri)
+    assert pinned == f"models:/{name}/1"
+    model_ref.register_champion(f"models:/{name}/2", name=name, alias="current", tracking_uri=uri)  # moves now
+    local = model_ref.resolve_checkpoint(pinned, tracking_uri=uri, dst=tmp_path / "pinned")
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(local).model(x), outputs["1"])
+    assert model_ref.version_label(pinned, local, uri) == f"{name}/v1"
+
+    # what predict, serve and export load: the label names the version whose weights they hold
+    segmenter = Segmenter.load(alias, tracking_uri=uri, device="cpu")
+    assert segmenter.version == f"{name}/v2" and segmenter.model_ref == alias
+    with torch.no_grad():
+        assert torch.equal(segmenter.loaded.model(x), outputs["2"])
+
+    for other in (f"models:/{name}/1", f"runs:/{run}/model1", str(tmp_path / "ckpt1")):
+        assert model_ref.pin_version(other, uri) == other
+    with pytest.raises(StrokeRayError, match="models:/nobody@current: cannot resolve"):
+        model_ref.pin_version("models:/nobody@current", uri)

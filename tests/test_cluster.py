@@ -82,6 +82,8 @@ def test_cluster_yaml_mlflow_asks_for_a_password_and_stays_private(cluster_confi
     start = "\n".join(cluster_config["head_start_ray_commands"])
     assert "mlflow server --app-name basic-auth" in start
     assert "MLFLOW_AUTH_CONFIG_PATH=" in start and "--host $PRIVATE_IP" in start
+    # MLflow 3's server-side job runners are not started (the variable prefixes the command)
+    assert re.search(r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false(\s+\w+=\S+)*\s+nohup mlflow server", start)
     setup = "\n".join(cluster_config["head_setup_commands"])
     assert "default_permission = NO_PERMISSIONS" in setup and "mlflow-password" in setup
     assert cluster_config["file_mounts"]["/home/ray/.stroke-ray/mlflow-password"] == "~/.stroke-ray/mlflow-password"

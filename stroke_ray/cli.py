@@ -98,28 +98,51 @@ def convert(
     """
     from stroke_ray.grid import spacing_level_name
     from stroke_ray.ingest import convert_dataset
+    from stroke_ray.store import StoreSettingsError
 
     try:
         spacing_levels = [spacing_level_name(float(x)) for x in spacing.split(",") if x.strip()]
     except ValueError as exc:
         raise StrokeRayError(f"--spacing: {exc}") from None
-    report = convert_dataset(
-        dataset,
-        output,
-        modalities=modalities.split(",") if modalities else None,
-        layout=layout,
-        levels=[x.strip() for x in levels.split(",") if x.strip()] + spacing_levels,
-        normalization=normalization,
-        address=address,
-        num_cpus=num_cpus,
-        progress=True,
-        parallel=parallel,
-        limits=limits(max_dim, max_image_gib, voxel_range_mm),
-        resample_masks=resample_masks,
-    )
+    try:
+        report = convert_dataset(
+            dataset,
+            output,
+            modalities=modalities.split(",") if modalities else None,
+            layout=layout,
+            levels=[x.strip() for x in levels.split(",") if x.strip()] + spacing_levels,
+            normalization=normalization,
+            address=address,
+            num_cpus=num_cpus,
+            progress=True,
+            parallel=parallel,
+            limits=limits(max_dim, max_image_gib, voxel_range_mm),
+            resample_masks=resample_masks,
+        )
+    except StoreSettingsError as exc:
+        raise StrokeRayError(
+            f"{exc.url}: existing store was made with {exc.describe(exc.have)}, not {exc.describe(exc.wanted)}; "
+            f"to add to it, convert with {_convert_flags(exc.have)}; else use another output path"
+        ) from None
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(code=1)
+
+
+def _convert_flags(settings: dict) -> str:
+    """The `convert` options that make a store with `settings` (its modalities, levels, normalization)."""
+    from stroke_ray.grid import parse_level
+
+    cubes, spacings = [], []
+    for level in settings.get("levels") or []:
+        spec = parse_level(level)
+        if spec.kind == "cube":
+            cubes.append(str(spec.value))
+        elif spec.kind == "spacing":
+            spacings.append(f"{spec.value:g}")
+    none = "''"  # an empty list, as the shell passes it
+    return (f"-m {','.join(settings.get('modalities') or [])} --levels {','.join(cubes) or none} "
+            f"--spacing {','.join(spacings) or none} --normalization {settings.get('normalization')}")
 
 
 @app.command("export-nnunet")

@@ -33,7 +33,7 @@ from stroke_ray.grid import (
 from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.locations import absolute
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
-from stroke_ray.store import NATIVE, LevelArrays, StrokeStore, check_output
+from stroke_ray.store import NATIVE, LevelArrays, StoreError, StrokeStore, check_output
 from stroke_ray.store_lock import writer_lock
 
 __all__ = [
@@ -331,6 +331,8 @@ def convert_dataset(
                 output, chosen, [NATIVE, *levels], normalization,
                 storage_options=storage_options, layout=found.layout,
             )
+        except StoreError:
+            raise  # already one line naming the store; the CLI adds the flags of its settings
         except (ValueError, OSError) as exc:
             raise StrokeRayError(str(exc)) from None
 

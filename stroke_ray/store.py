@@ -49,6 +49,7 @@ __all__ = [
     "NATIVE",
     "LevelArrays",
     "StoreError",
+    "StoreSettingsError",
     "StrokeStore",
     "check_output",
 ]
@@ -72,6 +73,27 @@ COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 class StoreError(StrokeRayError, ValueError):
     """A store that cannot be used: not a stroke-ray store, too new, or other settings."""
+
+
+class StoreSettingsError(StoreError):
+    """An existing store made with other modalities, levels or normalization than asked for.
+
+    Attributes:
+        url: the store.
+        have: its settings (modalities, reference_modality, levels, normalization).
+        wanted: the settings asked for.
+    """
+
+    def __init__(self, url: str, have: dict[str, Any], wanted: dict[str, Any]):
+        self.url, self.have, self.wanted = url, have, wanted
+        super().__init__(f"{url}: existing store was made with {self.describe(have)}, not "
+                         f"{self.describe(wanted)}; use those settings, another output path, or delete the store")
+
+    @staticmethod
+    def describe(settings: dict[str, Any]) -> str:
+        """"modalities dwi,adc, levels native,64, normalization zscore"."""
+        return (f"modalities {','.join(settings.get('modalities') or [])}, "
+                f"levels {','.join(settings.get('levels') or [])}, normalization {settings.get('normalization')}")
 
 
 @dataclass
@@ -199,10 +221,7 @@ class StrokeStore:
         if group is not None and group.attrs.get("format") == FORMAT_NAME:
             have = {k: group.attrs.get(k) for k in wanted}
             if have != wanted:
-                raise StoreError(
-                    f"{url}: existing store was made with {have}, not {wanted}; "
-                    "use another output path or delete the store"
-                )
+                raise StoreSettingsError(url, have, wanted)
             return cls(group, url)
         group = zarr.open_group(url, mode="a", zarr_format=3, storage_options=storage_options)
         group.attrs.update(

@@ -358,6 +358,32 @@ def test_convert_rejects_bad_settings(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_cli_convert_into_a_store_of_other_settings_names_the_flags_that_match_it(tmp_path):
+    root = tmp_path / "ds"
+    make_subject(root, "sub-a")
+    out = str(tmp_path / "s.zarr")
+    runner = CliRunner()
+    made = ["-m", "dwi,adc", "--levels", "16", "--spacing", "4", "--normalization", "none"]
+    first = runner.invoke(app, ["convert", str(root), "-o", out, *made, "--in-process"])
+    assert first.exit_code == 0, first.output
+
+    other = runner.invoke(app, ["convert", str(root), "-o", out, "--levels", "8", "--in-process"])
+    assert other.exit_code == 2, other.output
+    errors = [line for line in other.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out}: existing store was made with "), other.output
+    line = errors[0]
+    assert "modalities dwi,adc, levels native,16,4mm, normalization none, not " in line
+    flags = re.search(r"convert with (.*); else use another output path$", line)
+    assert flags and flags[1] == "-m dwi,adc --levels 16 --spacing 4 --normalization none"
+    store = StrokeStore.open(out)
+    assert store.levels == ["native", "16", "4mm"] and store.subjects() == ["sub-a"]  # nothing written
+
+    # the flags named reproduce the store: the subject is found complete
+    again = runner.invoke(app, ["convert", str(root), "-o", out, *flags[1].split(), "--in-process"])
+    assert again.exit_code == 0, again.output
+    assert "converted 0, skipped 1" in again.output
+
+
 def test_cli_convert_exit_codes(mixed_dataset, tmp_path):
     root, damaged = mixed_dataset
     runner = CliRunner()

@@ -48,3 +48,13 @@ def test_constraints_pin_what_pyproject_allows_and_leave_torch_out():
     # The direct dependencies CI installs are all pinned.
     for name in ("ray", "numpy", "mlflow", "nibabel", "python-multipart", "fastapi", "starlette", "uvicorn"):
         assert name in pins, name
+
+
+def test_constraints_pin_every_requirement_setup_installs():
+    # scripts/setup.sh installs .[test], which brings the export and s3 extras' packages too.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for name in ("test", "export", "s3") for r in project["optional-dependencies"][name]]
+    names = {r.name.lower().replace("_", "-") for r in wanted} - {"torch", "stroke-ray"}
+    pins = _constraints()
+    assert sorted(n for n in names if n not in pins) == []

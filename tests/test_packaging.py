@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -45,8 +46,15 @@ def test_wheel_runs_the_cli_and_loads_the_demo_config_outside_the_source_tree(tm
     """`pip wheel --no-deps` offline, installed into a fresh venv that borrows this venv's
     dependencies: `stroke-ray --help` and the demo's search space load from the wheel."""
     dist = tmp_path / "dist"
+    # Built from a copy of the sources: setuptools writes build/ and *.egg-info beside the
+    # project, and a test leaves the working tree as it found it.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "stroke_ray", source / "stroke_ray", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-q", "-w", str(dist), str(REPO)], check=True, cwd=tmp_path, timeout=600)
+                    "-q", "-w", str(dist), str(source)], check=True, cwd=tmp_path, timeout=600)
     wheel = next(dist.glob("stroke_ray-*.whl"))
     own_site = sysconfig.get_paths()["purelib"]
     own_before = sorted(os.listdir(own_site))

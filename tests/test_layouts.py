@@ -101,6 +101,7 @@ def assert_read_the_example_files(url: str, cases) -> None:
 
 
 # --- the released ISLES-2022 archive ------------------------------------------------------------
+@pytest.mark.slow
 def test_archive_layout_converts_from_its_own_root_and_the_folder_above(example, tmp_path):
     top = tmp_path / "download"
     archive = to_archive(example, top / "ISLES-2022", n=2)

@@ -35,11 +35,13 @@ def registered(tmp_path_factory, isles_sample, new_mlflow_uri):
                 mask=mask, row=report.rows[0], root=root)
 
 
+@pytest.mark.slow
 def test_experiment_opens_on_training_runs(registered):
     exp = registered["client"].get_experiment_by_name("pyfunc-test")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
+@pytest.mark.slow
 def test_champion_loads_with_mlflow_pyfunc_and_predicts_like_stroke_ray(registered, isles_sample, monkeypatch):
     import mlflow
 
@@ -60,6 +62,7 @@ def test_champion_loads_with_mlflow_pyfunc_and_predicts_like_stroke_ray(register
     np.testing.assert_array_equal(mixed["mask"][0], registered["mask"])
 
 
+@pytest.mark.slow
 def test_model_logged_the_old_way_still_resolves(registered, isles_sample, tmp_path):
     """Runs that logged a bare model/checkpoint.pt keep working for predict and serve."""
     client = registered["client"]

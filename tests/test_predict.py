@@ -88,6 +88,7 @@ def test_truncated_case_is_reported_and_skipped(mixed_run):
         "predictions.csv", "predictions.json", "sub-strokecase0009_mask.nii.gz"]
 
 
+@pytest.mark.slow
 def test_subjects_keep_only_those_cases_and_name_unknown_ones(mixed_dataset, checkpoint, tmp_path):
     report = predict_dataset(mixed_dataset, str(checkpoint), tmp_path / "out", progress=False,
                              subjects=["sub-strokecase0009", "sub-strokecase0404"])
@@ -119,6 +120,7 @@ def test_explicit_files_with_a_known_mask_and_probability(isles_sample, tmp_path
     assert float(np.asanyarray(prob.dataobj).min()) > 0.99
 
 
+@pytest.mark.slow
 def test_cli_single_case_and_all_failed_exit(isles_sample, checkpoint, tmp_path):
     from stroke_ray.cli import app
 
@@ -152,6 +154,7 @@ def test_cli_bad_model_is_one_line(tmp_path, isles_sample):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_registered_champion_is_the_default_kind_of_reference(isles_sample, checkpoint, tmp_path, new_mlflow_uri):
     from stroke_ray import model_ref, tracking
 
@@ -193,6 +196,7 @@ def test_output_folder_holding_an_input_is_refused(isles_sample, checkpoint, tmp
     assert _sums(tmp_path) == before  # nothing written, nothing changed
 
 
+@pytest.mark.slow
 def test_earlier_results_are_kept_unless_overwrite(isles_sample, checkpoint, tmp_path):
     from stroke_ray.cli import app
 

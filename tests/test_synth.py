@@ -131,6 +131,7 @@ def test_same_seed_same_bytes_whatever_the_count(synth_dataset, tmp_path):
     assert np.asarray(new["msk"].dataobj).sum() != np.asarray(old["msk"].dataobj).sum()
 
 
+@pytest.mark.slow
 def test_atlas_case_from_the_cli(tmp_path):
     out = tmp_path / "atlas"
     result = CliRunner().invoke(app, ["synth", "-o", str(out), "-n", "1", "--layout", "atlas", "--seed", "3"])

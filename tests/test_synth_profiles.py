@@ -118,6 +118,7 @@ def test_artefacts_raise_dwi_not_adc_and_leave_the_mask():
     assert np.median(adc[lesion]) < 0.8 * np.median(adc0[brain])
 
 
+@pytest.mark.slow
 def test_artefact_probability_applies_per_case():
     flags = [synth_case(i, seed=3, settings="train").info["artefacts"] is not None for i in range(3)]
     assert any(flags)

@@ -58,7 +58,7 @@ class Server:
             return rules
 
         self.port = free_port()
-        app = HttpGuard(self.echo, current_rules, **limits)
+        app = self.guard = HttpGuard(self.echo, current_rules, **limits)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -199,14 +199,16 @@ def test_buffer_budget_and_pending_uploads_are_bounded():
             busy = c.post("/predict", content=b"\0" * (LIMIT - 1))
             assert busy.status_code == 503 and busy.headers["retry-after"]
             assert c.post("/predict", content=b"\0" * 1000).status_code == 200
-            # One upload in progress is the maximum: the next one is turned away. (The
-            # stalled upload may itself lose the race to a request sent just after it and be
-            # refused; then it is opened again.)
-            for _ in range(50):
-                with server.raw(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab"):
-                    second = c.post("/predict", content=b"\0" * 10)
-                if second.status_code == 503:
-                    break
+            # One upload in progress is the maximum: the next one is turned away. The next
+            # request is sent once the guard counts the stalled upload (its connection is
+            # accepted and read on the server's own schedule, after the client's sendall).
+            with server.raw(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab"):
+                for _ in range(200):
+                    if server.guard.budget.pending == 1:
+                        break
+                    time.sleep(0.025)
+                assert server.guard.budget.pending == 1, "the stalled upload never reached the guard"
+                second = c.post("/predict", content=b"\0" * 10)
             assert second.status_code == 503
             # Once it is gone, uploads are accepted again.
             for _ in range(100):

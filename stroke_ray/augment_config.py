@@ -40,7 +40,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    # As config.py's sections: unknown keys are errors.
+    # Every config section's base (config.py uses it too): unknown keys are errors.
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 

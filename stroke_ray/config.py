@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -22,7 +20,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from stroke_ray.augment_config import AugmentConfig
+# One base for every config section (unknown keys are errors), written in augment_config.
+from stroke_ray.augment_config import AugmentConfig, _Strict
 from stroke_ray.errors import ConfigError
 from stroke_ray.resources import config_file
 
@@ -78,11 +77,6 @@ def mirror_axes(axes) -> tuple[int, ...]:
     if any(a not in (0, 1, 2) for a in values) or len(set(values)) != len(values):
         raise ValueError(f"mirroring axes must be distinct values of 0, 1, 2; got {list(axes)}")
     return tuple(sorted(values))
-
-
-class _Strict(BaseModel):
-    # The same model settings as augment_config's sections: unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", frozen=False)
 
 
 class ModelConfig(_Strict):

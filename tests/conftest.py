@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, stop_process
 
 os.environ.setdefault("RAY_ACCEPT_CLOUD_STORAGE_CONFIG", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -151,11 +151,7 @@ def s3_server(tmp_path_factory):
     try:
         yield S3Server(endpoint, "stroke-ray-test", env)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=10)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

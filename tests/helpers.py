@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from stroke_ray.checkpoint import save_checkpoint
 from stroke_ray.config import DataConfig, ModelConfig, TrainConfig
 from stroke_ray.models import build_model
 
-__all__ = ["MODALITIES", "SES", "case_files", "free_port", "make_checkpoint", "mask_file"]
+__all__ = ["MODALITIES", "SES", "case_files", "free_port", "make_checkpoint", "mask_file", "stop_process"]
 
 # The real ISLES'22 sample case's channels and session (../shared/data/isles22-sample).
 MODALITIES = ["dwi", "adc", "flair"]
@@ -49,3 +50,12 @@ def case_files(root: Path, subject: str = "sub-strokecase0009") -> dict[str, Pat
 def mask_file(root: Path, subject: str = "sub-strokecase0009") -> Path:
     """The ground-truth mask of one case of an ISLES'22 rawdata/ folder."""
     return root / "derivatives" / subject / SES / f"{subject}_{SES}_msk.nii.gz"
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate a server the test started; kill it if it has not exited within `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import case_files, free_port, make_checkpoint
+from helpers import case_files, free_port, make_checkpoint, stop_process
 
 from stroke_ray import model_ref, tracking
 from stroke_ray.predict import predict_dataset
@@ -110,9 +110,5 @@ def test_mlflow_models_serve_answers_one_real_request(registered, isles_sample, 
         assert prediction["lesion_count"] == registered["row"]["lesion_count"]
         np.testing.assert_array_equal(np.asarray(prediction["mask"], dtype=np.uint8), registered["mask"])
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, timeout=30)
         log.close()

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from helpers import case_files, free_port
+from helpers import case_files, free_port, stop_process
 
 from stroke_ray.locations import found, list_names, read_bytes, size_of, write_bytes, write_text
 from stroke_ray.model_ref import PYFUNC_CHECKPOINT
@@ -123,11 +123,7 @@ def mlflow_server(s3_server, tmp_path):
     url = f"http://127.0.0.1:{port}"
     _wait_http(f"{url}/health", proc, log)
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, timeout=20)
 
 
 def test_convert_tune_resume_predict_serve_all_on_s3(s3_server, mlflow_server, synth_dataset, isles_sample,

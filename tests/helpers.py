@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 from pathlib import Path
@@ -19,11 +20,41 @@ MODALITIES = ["dwi", "adc", "flair"]
 SES = "ses-0001"
 
 
+# Ports the kernel hands out for bind(0) and outgoing connections (Linux's default range),
+# and Ray's worker ports: a test port chosen inside either can be taken, between choosing it
+# and binding it, by a Ray process that starts in between (seen in CI: Serve's proxy could not
+# bind a port that bind(0) had given out a moment before). Test ports come from the gap.
+_RAY_WORKER_PORTS = range(10002, 20000)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (tests never use fixed ports)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now and that no process is given by chance.
+
+    Chosen outside the kernel's ephemeral range and Ray's worker ports, never the same twice in
+    one test session (tests never use fixed ports).
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(20000, 32768)
+                  if port not in ephemeral and port not in _RAY_WORKER_PORTS and port not in _handed_out]
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 between 20000 and 32767")
 
 
 def make_checkpoint(directory: Path, level: str = "32", patch: int = 32, bias: float | None = None) -> Path:

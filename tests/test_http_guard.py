@@ -11,18 +11,13 @@ import time
 import httpx
 import pytest
 
+from helpers import free_port
 from stroke_ray.auth import bearer_matches, is_loopback, load_token, token_digest
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.http_guard import GUARD_PATH, GuardRule, HttpGuard
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 LIMIT = 256 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Echo:

@@ -26,6 +26,7 @@ __all__ = [
     "level_grid",
     "resample",
     "resample_mask",
+    "keep_lost_components",
     "orientation_code",
 ]
 
@@ -238,7 +239,73 @@ def resample_mask(
     back to a native grid.
     """
     soft = resample(mask.astype(np.float32), src_affine, dst_shape, dst_affine, order=1, antialias=False)
-    return (soft >= 0.5).astype(np.uint8)
+    out = (soft >= 0.5).astype(np.uint8)
+    keep_lost_components(mask.astype(np.float32), src_affine, out, dst_affine, threshold=0.5)
+    return out
+
+
+def keep_lost_components(
+    src: np.ndarray,
+    src_affine: np.ndarray,
+    dst: np.ndarray,
+    dst_affine: np.ndarray,
+    threshold: float = 0.5,
+) -> int:
+    """Give back to `dst` (in place) every lesion of `src` that resampling made vanish.
+
+    A lesion of a few voxels falls below `threshold` when it is resampled onto a grid
+    offset by half a voxel or coarser along an axis (a 2 mm dot on 5 mm slices, a 1-voxel
+    lesion on a 2 mm grid shifted by 1 mm): interpolation spreads it over neighbours and
+    none of them reaches the threshold. Each connected component of `src >= threshold`
+    (26-connected, as the metrics count lesions) that has no voxel `>= threshold` in `dst`
+    where its own voxels land gets the `dst` voxel holding its peak (its highest value; for
+    a binary mask its voxel nearest its centroid) raised to that peak value. Components that
+    land outside `dst` are left out. Large lesions, which survive resampling, are untouched.
+
+    Args:
+        src: the 3D source values (a mask as 0/1 or a probability map).
+        src_affine, dst_affine: voxel-to-world of the two grids.
+        dst: the resampled values on the destination grid, changed in place.
+        threshold: what counts as lesion in both.
+    Returns:
+        How many components were given back.
+    """
+    from stroke_ray.metrics import label_lesions  # metrics is a leaf module; grid is imported by many
+
+    labels, n = label_lesions(np.asarray(src) >= threshold)
+    if n == 0:
+        return 0
+    coords = np.argwhere(labels > 0)
+    ids = labels[tuple(coords.T)]
+    values = np.asarray(src)[tuple(coords.T)].astype(np.float64)
+    mapping = np.linalg.inv(np.asarray(dst_affine, np.float64)) @ np.asarray(src_affine, np.float64)
+    target = np.rint(coords @ mapping[:3, :3].T + mapping[:3, 3]).astype(np.int64)
+    inside = np.all((target >= 0) & (target < np.asarray(dst.shape)), axis=1)
+    hit = np.zeros(len(coords), bool)
+    hit[inside] = np.asarray(dst)[tuple(target[inside].T)] >= threshold
+    found = np.zeros(n + 1, bool)
+    np.logical_or.at(found, ids, hit)
+    lost = ~found
+    lost[0] = False
+    chosen = lost[ids] & inside
+    if not chosen.any():
+        return 0
+    coords, ids, values, target = coords[chosen], ids[chosen], values[chosen], target[chosen]
+    peak = np.full(n + 1, -np.inf)
+    np.maximum.at(peak, ids, values)
+    top = values >= peak[ids]  # every component's peak voxels (all of a binary lesion)
+    # Among a component's peak voxels, the one nearest the peak voxels' centroid.
+    counts = np.bincount(ids[top], minlength=n + 1).astype(np.float64)
+    centre = np.stack([np.bincount(ids[top], weights=coords[top, a], minlength=n + 1) for a in range(3)], 1)
+    centre /= np.maximum(counts, 1.0)[:, None]
+    distance = np.where(top, ((coords - centre[ids]) ** 2).sum(axis=1), np.inf)
+    order = np.lexsort((distance, ids))  # by component, nearest first
+    first = order[np.r_[True, ids[order][1:] != ids[order][:-1]]]
+    for index in first:
+        voxel = tuple(target[index])
+        dst[voxel] = max(dst[voxel], np.asarray(values[index], dtype=dst.dtype))
+    given = len(first)
+    return given
 
 
 def orientation_code(affine: np.ndarray) -> str:

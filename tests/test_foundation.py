@@ -7,7 +7,7 @@ import pytest
 
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError
-from stroke_ray.grid import cube_affine, resample, resample_mask, spacing_of
+from stroke_ray.grid import cube_affine, keep_lost_components, resample, resample_mask, spacing_of
 from stroke_ray.integral import box_sums, integral_volume
 from stroke_ray.store import LevelArrays, StrokeStore
 
@@ -47,6 +47,34 @@ def test_resample_round_trip_keeps_a_blob_in_place():
     assert abs(back.sum() - blob.sum()) / blob.sum() < 0.2
     smooth = resample(blob.astype(np.float32), LAS_2MM, (32, 32, 32), cube)
     assert 0.0 < smooth.max() <= 1.0
+
+
+def test_a_lesion_smaller_than_the_target_voxel_survives_resampling():
+    # A 1-voxel lesion on a 1 mm grid, resampled onto a 2 mm grid offset by half a voxel:
+    # linear interpolation spreads it over 8 voxels at 1/8 each, below 0.5, and it would vanish.
+    src = np.eye(4)
+    dst = np.diag([2.0, 2.0, 2.0, 1.0])
+    dst[:3, 3] = 0.5
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[9, 9, 9] = 1  # world (9, 9, 9): target voxel (4.25, 4.25, 4.25) -> (4, 4, 4)
+    mask[2:12, 14:20, 2:8] = 1  # a large lesion, which survives on its own
+    soft = resample(mask.astype(np.float32), src, (10, 10, 10), dst, order=1, antialias=False)
+    assert soft[3:6, 3:6, 3:6].max() < 0.5  # the dot is gone from plain interpolation
+    out = resample_mask(mask, src, (10, 10, 10), dst)
+    assert out[4, 4, 4] == 1 and out[3:6, 3:6, 3:6].sum() == 1  # given back at one voxel
+    assert np.array_equal(out[:, 6:, :], (soft >= 0.5)[:, 6:, :].astype(np.uint8))  # the large one untouched
+    # a probability map: the peak's value, at the voxel holding the peak
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[9, 9, 9], prob[10, 9, 9] = 0.9, 0.6
+    coarse = resample(prob, src, (10, 10, 10), dst, order=1, antialias=True)
+    assert coarse.max() < 0.5
+    assert keep_lost_components(prob, src, coarse, dst) == 1
+    assert coarse.max() == np.float32(0.9) and coarse[4, 4, 4] == np.float32(0.9)
+    # nothing to give back: a lesion that survives, or one outside the target grid
+    assert keep_lost_components(prob, src, coarse, dst) == 0
+    far = np.eye(4)
+    far[:3, 3] = 100.0
+    assert keep_lost_components(prob, far, np.zeros((10, 10, 10), np.float32), dst) == 0
 
 
 def test_store_hides_incomplete_subjects_and_checks_settings(tmp_path):

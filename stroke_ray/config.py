@@ -39,7 +39,7 @@ __all__ = [
 
 Architecture = Literal["unet3d", "unet2plus1d"]
 LossName = Literal["dice_bce", "gdl_ce", "gdl_ce_log", "dice_ce", "dice", "bce", "gdl", "ce"]
-SamplerName = Literal["uniform", "threshold", "threshold_cube", "foreground"]
+SamplerName = Literal["uniform", "threshold", "threshold_cube", "foreground", "lesion"]
 
 
 def read_yaml(path: Path, kind: str):

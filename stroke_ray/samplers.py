@@ -26,6 +26,7 @@ __all__ = [
     "UniformSampler",
     "ThresholdSampler",
     "ForegroundSampler",
+    "LesionSampler",
     "build_sampler",
     "as_triple",
     "ACCEPTED",
@@ -42,7 +43,7 @@ ACCEPTED = "accepted"  # threshold test passed somewhere: uniform over the accep
 UNIFORM = "uniform"  # uniform sampler
 EMPTY_MASK = "empty_mask"  # threshold/foreground sampler, no lesion: uniform fallback
 INFEASIBLE = "infeasible"  # no corner passes: the corners with the most lesion voxels
-FOREGROUND = "foreground"  # foreground sampler with lesion voxels
+FOREGROUND = "foreground"  # foreground (or lesion) sampler with lesion voxels
 
 
 def as_triple(patch: int | Triple) -> Triple:
@@ -77,8 +78,11 @@ class PositionSet:
     grid: Triple
     reason: str
     corners: np.ndarray | None = None
-    lesion_voxels: np.ndarray | None = None  # (L, 3) voxel coords, foreground sampler only
-    fraction: float = 0.0  # foreground sampler: probability of a lesion-centred patch
+    lesion_voxels: np.ndarray | None = None  # (L, 3) voxel coords, foreground/lesion samplers only
+    fraction: float = 0.0  # foreground/lesion samplers: probability of a lesion-holding patch
+    # lesion sampler: lesion_voxels grouped by lesion, lesion k owning rows
+    # starts[k]:starts[k+1]; None = every lesion voxel equally likely (foreground sampler)
+    lesion_starts: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -93,7 +97,11 @@ class PositionSet:
     def sample(self, rng: np.random.Generator) -> Triple:
         """One patch corner (x, y, z) in voxel coordinates of the volume."""
         if self.lesion_voxels is not None and rng.random() < self.fraction:
-            voxel = self.lesion_voxels[rng.integers(len(self.lesion_voxels))]
+            if self.lesion_starts is None:
+                voxel = self.lesion_voxels[rng.integers(len(self.lesion_voxels))]
+            else:  # a lesion first, every lesion alike, then one of its voxels
+                k = int(rng.integers(len(self.lesion_starts) - 1))
+                voxel = self.lesion_voxels[rng.integers(self.lesion_starts[k], self.lesion_starts[k + 1])]
             # The lesion voxel lands anywhere inside the patch, then the corner is clipped
             # into the valid range, which keeps the voxel inside (see docs/sampling.md).
             offset = rng.integers(0, self.patch)
@@ -197,8 +205,38 @@ class ForegroundSampler:
         )
 
 
+class LesionSampler(ForegroundSampler):
+    """The foreground sampler with every lesion equally likely, whatever its size.
+
+    With probability `fraction` a patch holds a voxel of one lesion (a 26-connected
+    component of the mask, as the metrics count lesions) drawn uniformly among the
+    subject's lesions, then a voxel of it; otherwise a uniform corner. The foreground
+    sampler draws lesion voxels uniformly, so an 80 ml infarct beside three 0.05 ml
+    emboli gets 99.8 % of the lesion patches; here each of the four gets a quarter, and
+    the network sees the few-voxel lesions it is otherwise last to learn. Empty mask ->
+    uniform.
+    """
+
+    name = "lesion"
+
+    def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
+        from stroke_ray.metrics import label_lesions  # the lesion definition the scores use
+
+        pos = super().positions(table, patch)
+        if pos.lesion_voxels is None:
+            return pos
+        mask = np.zeros(pos.shape, bool)
+        mask[tuple(pos.lesion_voxels.T)] = True
+        labels, n = label_lesions(mask)
+        ids = labels[tuple(pos.lesion_voxels.T)]
+        order = np.argsort(ids, kind="stable")
+        pos.lesion_voxels = pos.lesion_voxels[order]
+        pos.lesion_starts = np.searchsorted(ids[order], np.arange(1, n + 2)).astype(np.int64)
+        return pos
+
+
 def build_sampler(name: str, threshold: float = 0.2, foreground_fraction: float = 0.33):
-    """A sampler from its config name (uniform | threshold | threshold_cube | foreground)."""
+    """A sampler from its config name (uniform | threshold | threshold_cube | foreground | lesion)."""
     if name == "uniform":
         return UniformSampler()
     if name == "threshold":
@@ -207,4 +245,6 @@ def build_sampler(name: str, threshold: float = 0.2, foreground_fraction: float 
         return ThresholdSampler(threshold, reference="cube")
     if name == "foreground":
         return ForegroundSampler(foreground_fraction)
-    raise ValueError(f"unknown sampler {name!r} (uniform, threshold, threshold_cube, foreground)")
+    if name == "lesion":
+        return LesionSampler(foreground_fraction)
+    raise ValueError(f"unknown sampler {name!r} (uniform, threshold, threshold_cube, foreground, lesion)")

@@ -16,6 +16,7 @@ from stroke_ray.samplers import (
     FOREGROUND,
     INFEASIBLE,
     ForegroundSampler,
+    LesionSampler,
     Sampler,
     ThresholdSampler,
     UniformSampler,
@@ -383,9 +384,37 @@ def test_stream_from_a_converted_store(synth_store):
     assert all(m.sum() > 0 for m in batch["mask"])  # threshold patches hold lesion
 
 
+def test_lesion_sampler_gives_every_lesion_the_same_share():
+    # A 6x6x6 "infarct" (216 voxels) and two single-voxel "emboli": voxel-uniform foreground
+    # sampling centres 99 % of its lesion patches on the infarct, the lesion sampler a third.
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[2:8, 2:8, 2:8] = 1
+    mask[20, 20, 20] = 1
+    mask[27, 3, 25] = 1
+    table = integral_volume(mask)
+    rng = np.random.default_rng(0)
+    lesion = LesionSampler(1.0).positions(table, 4)
+    assert lesion.reason == FOREGROUND and lesion.lesion_starts.tolist() == [0, 216, 217, 218]
+    emboli = [(20, 20, 20), (27, 3, 25)]
+
+    def holds(corner, voxel):
+        return all(c <= v < c + 4 for c, v in zip(corner, voxel))
+
+    draws = [lesion.sample(rng) for _ in range(3000)]
+    shares = [np.mean([holds(c, v) for c in draws]) for v in emboli]
+    assert all(0.29 < share < 0.38 for share in shares)
+    assert all(any(holds(c, v) for v in [*emboli, (4, 4, 4)]) or mask[c[0]:c[0] + 4, c[1]:c[1] + 4, c[2]:c[2] + 4].any()
+               for c in draws)  # every draw holds a lesion voxel (fraction 1)
+    voxel_uniform = ForegroundSampler(1.0).positions(table, 4)
+    draws = [voxel_uniform.sample(rng) for _ in range(3000)]
+    assert np.mean([holds(c, emboli[0]) for c in draws]) < 0.02
+    # no lesion: uniform, as the foreground sampler
+    assert LesionSampler(1.0).positions(integral_volume(np.zeros((8, 8, 8), np.uint8)), 4).reason == EMPTY_MASK
+
+
 def test_every_sampler_follows_the_sampler_protocol():
     from stroke_ray.samplers import build_sampler
 
-    for name in ("uniform", "threshold", "threshold_cube", "foreground"):
+    for name in ("uniform", "threshold", "threshold_cube", "foreground", "lesion"):
         sampler = build_sampler(name)
         assert isinstance(sampler, Sampler) and sampler.name in name

@@ -36,6 +36,7 @@ __all__ = [
     "Probability",
     "RotationConfig",
     "ScaleConfig",
+    "ThickSliceConfig",
 ]
 
 
@@ -111,6 +112,12 @@ class LowResConfig(_PerChannel):
     zoom: PositiveRange | None = None  # down-sampling factor (< 1), then back up
 
 
+class ThickSliceConfig(_Transform):
+    # Slab averaging along one random voxel axis per sample, all channels alike: the
+    # slice thickness of another scanner (2 mm -> 2 / zoom mm), then back to the grid.
+    zoom: PositiveRange | None = None  # kept fraction of the samples along that axis (< 1)
+
+
 class BiasFieldConfig(_PerChannel):
     strength: float | None = Field(None, ge=0.0, le=2.0)  # |coefficients| of a cubic log-field
 
@@ -129,6 +136,7 @@ class AugmentConfig(_Strict):
     brightness: FactorConfig = Field(default_factory=FactorConfig)
     contrast: FactorConfig = Field(default_factory=FactorConfig)
     low_res: LowResConfig = Field(default_factory=LowResConfig)
+    thick_slices: ThickSliceConfig = Field(default_factory=ThickSliceConfig)
     gamma: GammaConfig = Field(default_factory=GammaConfig)
 
     @model_validator(mode="before")
@@ -162,11 +170,12 @@ _RANGES: dict[str, dict[str, Any]] = {
     "brightness": {"range": (0.75, 1.25), "p_per_channel": 1.0},
     "contrast": {"range": (0.75, 1.25), "p_per_channel": 1.0},
     "low_res": {"zoom": (0.5, 1.0), "p_per_channel": 0.5},
+    "thick_slices": {"zoom": (0.33, 0.8)},
     "gamma": {"range": (0.7, 1.5)},
 }
 _STRONG_P = {
     "flip": 0.5, "rotation": 0.2, "scale": 0.2, "elastic": 0.0, "bias_field": 0.1, "noise": 0.1,
-    "blur": 0.2, "brightness": 0.15, "contrast": 0.15, "low_res": 0.25, "gamma": 0.3,
+    "blur": 0.2, "brightness": 0.15, "contrast": 0.15, "low_res": 0.25, "thick_slices": 0.25, "gamma": 0.3,
 }
 _LIGHT = {
     "flip": {"p": 0.5},

@@ -93,10 +93,24 @@ def _low_res(rows: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _thick_slices(rows: torch.Tensor, axis: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """Each (C, X, Y, Z) sample averaged over slabs of 1 / zoom voxels along its axis, then
+    interpolated back (linear): what a thicker slice acquisition records of the same head."""
+    out = torch.empty_like(rows)
+    for i in range(rows.shape[0]):
+        shape = list(rows.shape[2:])
+        small = list(shape)
+        a = int(axis[i])
+        small[a] = max(1, round(shape[a] * float(zoom[i])))
+        down = F.interpolate(rows[i][None], size=small, mode="area")  # slab means: partial volume
+        out[i] = F.interpolate(down, size=shape, mode="trilinear", align_corners=False)[0]
+    return out
+
+
 def intensity_transform(
     image: torch.Tensor, air: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Bias field, noise, blur, brightness, contrast, low resolution, gamma (in that order).
+    """Bias field, noise, blur, brightness, contrast, low resolution, thick slices, gamma (in that order).
 
     Args:
         image: (B, C, X, Y, Z) float.
@@ -158,6 +172,15 @@ def intensity_transform(
     zoom = uniform(*cfg.low_res.zoom, (int(picked.numel()),), generator)
     if picked.numel():
         apply(picked, _low_res(rows[picked], zoom))
+
+    # thick slices: one axis and one zoom per picked sample, all its channels alike
+    samples = chosen(cfg.thick_slices.p, b, generator).nonzero().flatten()
+    axis = torch.randint(0, 3, (int(samples.numel()),), generator=generator, device=generator.device)
+    zoom = uniform(*cfg.thick_slices.zoom, (int(samples.numel()),), generator)
+    if samples.numel():
+        picked = (samples[:, None] * c + torch.arange(c, device=samples.device)).flatten()
+        slabs = _thick_slices(rows[picked].reshape(-1, c, *shape), axis, zoom)
+        apply(picked, slabs.reshape(-1, *shape))
 
     # gamma of the inverted channel (p_inverted), then plain gamma (p), as nnU-Net does
     picked = _rows(b, c, cfg.gamma.p_inverted, 1.0, generator)

@@ -12,7 +12,7 @@ from stroke_ray.errors import ConfigError
 
 N = 32
 SPATIAL = ("rotation", "scale", "elastic")
-INTENSITY = ("bias_field", "noise", "blur", "brightness", "contrast", "low_res", "gamma")
+INTENSITY = ("bias_field", "noise", "blur", "brightness", "contrast", "low_res", "thick_slices", "gamma")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +35,7 @@ def everything(p: float = 1.0) -> AugmentConfig:
     per_channel = {"p": p, "p_per_channel": 1.0}
     return AugmentConfig(
         preset="strong", flip={"p": 0.5}, rotation={"p": p}, scale={"p": p}, elastic={"p": p},
-        gamma={"p": p, "p_inverted": p},
+        gamma={"p": p, "p_inverted": p}, thick_slices={"p": p},
         **{name: per_channel for name in ("bias_field", "blur", "brightness", "contrast", "low_res")},
         noise={"p": p},
     )
@@ -158,6 +158,32 @@ def test_intensity_transforms_leave_the_mask_and_air_structure_alone():
     flat[..., 10:20, 10:20, 10:20] = 1.0
     out, _ = run(flat, flat.clone(), only(brightness={"p": 1.0, "range": (1.2, 1.2)}), air=torch.zeros(1))
     assert torch.allclose(out, flat * 1.2)
+
+
+def test_thick_slices_average_along_one_axis_per_sample_and_keep_the_range():
+    # One bright plane per sample, across axis 0, 1 or 2 (sample 0, 1, 2): averaging slabs
+    # along that plane's normal spreads it onto its neighbours and lowers its peak; averaging
+    # along any other axis leaves it as it is. So exactly one of a sample's transforms changes it.
+    zoom = (0.25, 0.25)
+    plane = torch.zeros(3, 2, N, N, N)
+    for s in range(3):
+        index = [s, slice(None), slice(None), slice(None), slice(None)]
+        index[2 + s] = 13
+        plane[tuple(index)] = 1.0
+    mask = (torch.rand(3, 1, N, N, N) > 0.9).float()
+    changed = torch.zeros(3, dtype=torch.int64)
+    for step in range(12):
+        out, out_mask = run(plane, mask, only(thick_slices={"p": 1.0, "zoom": zoom}), step=step, air=torch.zeros(2))
+        assert out_mask is mask  # the lesion stays where it is: the network must find it whole
+        assert out.min() >= -1e-6 and out.max() <= 1.0 + 1e-6  # convex combinations only
+        assert torch.equal(out[:, 0], out[:, 1])  # all channels of a sample alike
+        for s in range(3):
+            if not torch.allclose(out[s], plane[s], atol=1e-6):
+                changed[s] += 1
+                assert out[s].max() < 0.6  # the plane spread over a 4-voxel slab
+                assert torch.isclose(out[s].sum(), plane[s].sum(), rtol=0.05)  # slab means keep the signal
+    # over 12 draws each sample's normal was drawn sometimes, but not always
+    assert (changed > 0).all() and (changed < 12).all()
 
 
 def test_seeded_and_reproducible():

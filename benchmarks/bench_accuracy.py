@@ -141,8 +141,8 @@ def train_variant(variant: Variant, base: dict, args) -> tuple[Path, dict]:
     """(checkpoint file, training facts) of one variant, trained once (reused on a re-run)."""
     from stroke_ray.config import TrainConfig
 
-    raw = _merge(base, variant.train)
-    raw["name"] = f"acc-{variant.name}-b{args.budget_min:g}-s{args.seed}"
+    raw = _merge(_merge(base, variant.train), json.loads(args.override))
+    raw["name"] = f"acc-{variant.name}-b{args.budget_min:g}-s{args.seed}{args.tag}"
     cfg = TrainConfig.from_dict(raw, source=f"variant {variant.name}")
     done = Path(cfg.storage_path) / f"{cfg.name}.json"
     if done.exists():
@@ -352,6 +352,9 @@ def main() -> None:
     ap.add_argument("--steps-per-epoch", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "accuracy")
+    ap.add_argument("--override", default="{}",
+                    help="JSON merged into every variant's training config (an experiment on top of the recipe)")
+    ap.add_argument("--tag", default="", help="suffix of run names and the results file (with --override)")
     ap.add_argument("--figure", type=Path, default=None, help="also save the figure here (e.g. docs/img/...)")
     args = ap.parse_args()
     work = args.work.resolve()
@@ -376,7 +379,7 @@ def main() -> None:
     base = base_config(work, store, args, widths)
     # Results accumulate over invocations with the same budget and seed (e.g. the headline
     # variants first, the ablations later); a variant run again replaces its entry.
-    results_file = work / f"results-b{args.budget_min:g}-s{args.seed}.json"
+    results_file = work / f"results-b{args.budget_min:g}-s{args.seed}{args.tag}.json"
     results: dict = json.loads(results_file.read_text()) if results_file.exists() else {"variants": {}}
     results.update({"args": {k: str(v) for k, v in vars(args).items()}, "plan": planned.as_dict()})
     trained: dict[str, tuple[Path, dict]] = {}

@@ -83,6 +83,9 @@ class ModelConfig(_Strict):
     architecture: Architecture = "unet3d"
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
     upsample: Literal["trilinear", "transpose"] = "trilinear"
+    # BatchNorm (the seed study's) or affine InstanceNorm (nnU-Net's, the recipe's: robust
+    # to batches of 2 and to scanners whose statistics training never saw); models.py.
+    norm: Literal["batch", "instance"] = "batch"
     # (2+1)D only: None = parameter-matched intermediate width (Tran et al. 2018).
     mid_channels: int | None = None
     checkpointing: bool = False

@@ -6,9 +6,13 @@ Both networks are the classic U-Net (Ronneberger et al. 2015; Cicek et al. 2016)
     decoder  level i : Up(widths[i+1] -> widths[i]), concat skip, DoubleConv(2*widths[i] -> widths[i])
     head             : 1x1x1 conv to `out_channels` logits
 
-A DoubleConv is (conv, BatchNorm3d, ReLU) twice. The only difference between the two
-architectures is the conv: `UNet3D` uses a 3x3x3 kernel; `UNet2Plus1D` factors every 3x3x3
-conv into a (3,3,1) in-plane conv, BatchNorm+ReLU, then a (1,1,3) through-plane conv
+A DoubleConv is (conv, norm, ReLU) twice, the norm a BatchNorm3d (`norm: batch`, the seed
+study's) or an affine InstanceNorm3d (`norm: instance`, nnU-Net's: each sample normalised
+by its own statistics, so a batch of 2 patches trains as well as a batch of 32, and a scan
+from another scanner is not normalised with the training set's running statistics). The
+only difference between the two architectures is the conv: `UNet3D` uses a 3x3x3 kernel;
+`UNet2Plus1D` factors every 3x3x3 conv into a (3,3,1) in-plane conv, norm+ReLU, then a
+(1,1,3) through-plane conv
 (Tran et al. 2018, "A Closer Look at Spatiotemporal Convolutions for Action Recognition").
 The through-plane axis is the LAST spatial axis (Z), which is the slice axis of the volumes
 in the store (axial acquisitions such as ISLES'22 FLAIR have their thick slices along Z).
@@ -47,9 +51,20 @@ __all__ = [
     "UNet3D",
     "Up",
     "inference_state_dict",
+    "norm_layer",
 ]
 
 ConvFactory = Callable[[int, int], nn.Module]
+NormFactory = Callable[[int], nn.Module]
+
+
+def norm_layer(kind: str) -> NormFactory:
+    """The normalisation layer of `kind` ("batch" or "instance") for a given channel count."""
+    if kind == "batch":
+        return nn.BatchNorm3d
+    if kind == "instance":
+        return lambda n: nn.InstanceNorm3d(n, affine=True)
+    raise ValueError(f"unknown norm {kind!r} (batch or instance)")
 
 
 def mid_width(n_in: int, n_out: int, d: int = 3, t: int = 3) -> int:
@@ -59,33 +74,33 @@ def mid_width(n_in: int, n_out: int, d: int = 3, t: int = 3) -> int:
 
 
 def conv3d(n_in: int, n_out: int) -> nn.Module:
-    """A plain 3x3x3 conv (no bias: a BatchNorm follows)."""
+    """A plain 3x3x3 conv (no bias: a norm follows)."""
     return nn.Conv3d(n_in, n_out, kernel_size=3, padding=1, bias=False)
 
 
 class Conv2Plus1D(nn.Sequential):
-    """A 3x3x3 conv factored into (3,3,1) in-plane -> BN -> ReLU -> (1,1,3) through-plane (Z)."""
+    """A 3x3x3 conv factored into (3,3,1) in-plane -> norm -> ReLU -> (1,1,3) through-plane (Z)."""
 
-    def __init__(self, n_in: int, n_out: int, mid_channels: int | None = None):
+    def __init__(self, n_in: int, n_out: int, mid_channels: int | None = None, norm: NormFactory = nn.BatchNorm3d):
         mid = mid_channels or mid_width(n_in, n_out)
         super().__init__(
             nn.Conv3d(n_in, mid, kernel_size=(3, 3, 1), padding=(1, 1, 0), bias=False),
-            nn.BatchNorm3d(mid),
+            norm(mid),
             nn.ReLU(inplace=True),
             nn.Conv3d(mid, n_out, kernel_size=(1, 1, 3), padding=(0, 0, 1), bias=False),
         )
 
 
 class DoubleConv(nn.Sequential):
-    """(conv -> BatchNorm3d -> ReLU) x 2."""
+    """(conv -> norm -> ReLU) x 2."""
 
-    def __init__(self, n_in: int, n_out: int, conv: ConvFactory = conv3d):
+    def __init__(self, n_in: int, n_out: int, conv: ConvFactory = conv3d, norm: NormFactory = nn.BatchNorm3d):
         super().__init__(
             conv(n_in, n_out),
-            nn.BatchNorm3d(n_out),
+            norm(n_out),
             nn.ReLU(inplace=True),
             conv(n_out, n_out),
-            nn.BatchNorm3d(n_out),
+            norm(n_out),
             nn.ReLU(inplace=True),
         )
 
@@ -136,19 +151,21 @@ class UNet(nn.Module):
         checkpointing: bool = False,
         conv: ConvFactory = conv3d,
         deep_supervision: bool = False,
+        norm: str = "batch",
     ):
         super().__init__()
         widths = list(widths)
+        make_norm = norm_layer(norm)
         if len(widths) < 2:
             raise ValueError("widths needs at least two entries (one down-sampling step)")
         self.widths = widths
         self.checkpointing = checkpointing
         self.down = nn.ModuleList(
-            DoubleConv(n_in, n_out, conv) for n_in, n_out in zip([in_channels] + widths[:-1], widths)
+            DoubleConv(n_in, n_out, conv, make_norm) for n_in, n_out in zip([in_channels] + widths[:-1], widths)
         )
         self.pool = nn.MaxPool3d(2)
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i], upsample) for i in range(len(widths) - 1))
-        self.merge = nn.ModuleList(DoubleConv(2 * w, w, conv) for w in widths[:-1])
+        self.merge = nn.ModuleList(DoubleConv(2 * w, w, conv, make_norm) for w in widths[:-1])
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
         # Heads of decoder levels 1 .. depth-2 (the bottleneck gets none, as in nnU-Net).
         self.ds_heads = nn.ModuleList(
@@ -208,9 +225,10 @@ class UNet3D(UNet):
         upsample: str = "trilinear",
         checkpointing: bool = False,
         deep_supervision: bool = False,
+        norm: str = "batch",
     ):
         super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv3d,
-                         deep_supervision=deep_supervision)
+                         deep_supervision=deep_supervision, norm=norm)
 
 
 class UNet2Plus1D(UNet):
@@ -228,12 +246,15 @@ class UNet2Plus1D(UNet):
         checkpointing: bool = False,
         mid_channels: int | None = None,
         deep_supervision: bool = False,
+        norm: str = "batch",
     ):
+        make_norm = norm_layer(norm)
+
         def conv(n_in: int, n_out: int) -> nn.Module:
-            return Conv2Plus1D(n_in, n_out, mid_channels)
+            return Conv2Plus1D(n_in, n_out, mid_channels, make_norm)
 
         super().__init__(in_channels, out_channels, widths, upsample, checkpointing, conv=conv,
-                         deep_supervision=deep_supervision)
+                         deep_supervision=deep_supervision, norm=norm)
 
 
 def size_multiple(cfg: ModelConfig) -> int:
@@ -256,6 +277,7 @@ def build_model(cfg: ModelConfig, in_channels: int, for_inference: bool = False)
         widths=cfg.widths,
         upsample=cfg.upsample,
         checkpointing=cfg.checkpointing,
+        norm=cfg.norm,
         deep_supervision=cfg.deep_supervision and not for_inference and len(cfg.widths) > 2,
     )
     if cfg.architecture == "unet3d":

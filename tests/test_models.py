@@ -155,3 +155,25 @@ def test_bad_upsample_and_architecture():
     cfg.architecture = "vnet"  # bypasses validation on purpose
     with pytest.raises(ValueError, match="vnet"):
         build_model(cfg, 1)
+
+
+@pytest.mark.parametrize("arch", ["unet3d", "unet2plus1d"])
+def test_instance_norm_normalises_each_sample_on_its_own(arch):
+    # In training mode a BatchNorm network's output for one sample depends on the other
+    # samples of its batch; an InstanceNorm network's does not, and it keeps no running stats.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, 16)
+    other = x.clone()
+    other[1] = 5.0 * torch.randn(3, 16, 16, 16) + 3.0
+    outputs = {}
+    for norm in ("batch", "instance"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(architecture=arch, widths=[4, 8], norm=norm), in_channels=3).train()
+        with torch.no_grad():
+            outputs[norm] = (model(x)[0], model(other)[0])
+        kinds = {type(m) for m in model.modules()}
+        assert (nn.InstanceNorm3d in kinds) == (norm == "instance") and (nn.BatchNorm3d in kinds) == (norm == "batch")
+    assert not torch.allclose(*outputs["batch"], atol=1e-4)
+    assert torch.allclose(*outputs["instance"], atol=1e-5)
+    with pytest.raises(ValueError):
+        ModelConfig(norm="group")

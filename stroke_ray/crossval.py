@@ -254,6 +254,7 @@ def cross_validate(
     oof = {f"oof_{key[len('val_'):]}": value for key, value in totals.metrics().items() if key.startswith("val_")}
     post = totals.postprocessing()
     oof["postprocess_min_lesion_ml"] = post.min_lesion_ml
+    oof["postprocess_threshold"] = post.threshold
 
     # The ensemble, with copies of the fold checkpoints beside it (Train may prune its own).
     out_dir = Path(storage) / cfg.name if not is_url(storage) else Path(tempfile.mkdtemp(prefix="stroke-ray-cv-"))

@@ -270,7 +270,9 @@ def keep_lost_components(
     Returns:
         How many components were given back.
     """
-    from stroke_ray.metrics import label_lesions  # metrics is a leaf module; grid is imported by many
+    from stroke_ray.metrics import (
+        label_lesions,  # metrics is a leaf module; grid is imported by many
+    )
 
     labels, n = label_lesions(np.asarray(src) >= threshold)
     if n == 0:

@@ -22,6 +22,7 @@ import torch
 from stroke_ray.config import mirror_axes
 from stroke_ray.grid import NATIVE, keep_lost_components, level_grid, resample
 from stroke_ray.intensity import normalise
+from stroke_ray.postprocess import THRESHOLD_CANDIDATES
 
 __all__ = [
     "ALL_AXES",
@@ -253,8 +254,11 @@ def predict_case(
     else:
         prob = resample(level_prob, level_affine, ref_shape, ref_affine, order=1, antialias=True)
         prob = np.clip(prob, 0.0, 1.0)
-        # A lesion found at the level stays a lesion on the case's grid, however small.
-        keep_lost_components(level_prob, level_affine, prob, ref_affine, threshold=threshold)
+        # A lesion found at the level stays a lesion on the case's grid, however small: at
+        # this threshold and at every one validation may choose (highest first, so each
+        # lift is kept by the lower ones).
+        for line in sorted({float(threshold), *THRESHOLD_CANDIDATES}, reverse=True):
+            keep_lost_components(level_prob, level_affine, prob, ref_affine, threshold=line)
     prob = prob.astype(np.float32, copy=False)
     return Prediction(
         probability=prob, mask=(prob >= threshold).astype(np.uint8), affine=ref_affine.copy(),

@@ -1,16 +1,22 @@
-"""Small-component removal, with the minimum lesion size chosen on validation cases.
+"""Threshold and small-component removal, both chosen on validation cases.
 
 A segmentation network trained on patches predicts, besides the true lesions, small false
 components (bright DWI rims, noise). Removing every 26-connected component smaller than a
 minimum volume takes most of them away, at the risk of removing true small lesions; which
 size is right depends on the model and the data, so it is chosen on validation cases:
 
-* candidates are the volumes of `MIN_LESION_ML_CANDIDATES` (0 = remove nothing);
+* candidates are every pair of a probability threshold of `THRESHOLD_CANDIDATES` and a
+  minimum volume of `MIN_LESION_ML_CANDIDATES` (0 = remove nothing);
 * for every validation case and candidate the criterion is (Dice + lesion F1) / 2 of the
   thresholded prediction after removal, against the ground truth, on the case's own grid
   (`metrics.dice`, `metrics.lesion_f1`: the ISLES'22 definitions);
-* the chosen size maximises the mean criterion over the cases; ties go to the smaller size,
-  so removal only happens when it helps.
+* the chosen pair maximises the mean criterion over the cases; ties go to the higher
+  threshold (0.5 first), then the smaller size, so a change from "0.5, remove nothing" only
+  happens when it helps.
+
+The threshold is chosen because a network trained briefly on patches is under-confident
+where lesions are faint or a few voxels small: its probability there peaks at 0.2-0.5,
+and the lesion is found or missed by where the line is drawn (docs/accuracy.md).
 
 The choice travels with the model as `Postprocessing` in the checkpoint payload
 (`postprocessing: {min_lesion_ml, threshold}`); a checkpoint without it means no removal.
@@ -26,9 +32,12 @@ import numpy as np
 from stroke_ray.metrics import dice, label_lesions, lesion_f1, voxel_volume_ml
 
 __all__ = [
+    "CANDIDATES",
     "MIN_LESION_ML_CANDIDATES",
+    "THRESHOLD_CANDIDATES",
     "Postprocessing",
-    "choose_min_lesion_ml",
+    "choose_postprocessing",
+    "criterion_by_candidate",
     "criterion_by_min_size",
     "remove_small_lesions",
 ]
@@ -38,6 +47,13 @@ __all__ = [
 # validation case of every epoch, and identical on every worker so sums can be all-reduced.
 MIN_LESION_ML_CANDIDATES: tuple[float, ...] = (
     0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+)
+# Probability thresholds, in order of preference (ties go to the earlier one).
+THRESHOLD_CANDIDATES: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
+# Every (threshold, minimum size) pair, in order of preference: the layout of the criterion
+# vectors that validation sums over cases and workers.
+CANDIDATES: tuple[tuple[float, float], ...] = tuple(
+    (t, s) for t in THRESHOLD_CANDIDATES for s in MIN_LESION_ML_CANDIDATES
 )
 # Component volumes are voxel counts times the voxel volume; this slack keeps a component
 # of exactly the minimum size from being removed by floating-point rounding.
@@ -134,22 +150,35 @@ def criterion_by_min_size(
     return out
 
 
-def choose_min_lesion_ml(
-    criterion_sums: Sequence[float], candidates: Sequence[float] = MIN_LESION_ML_CANDIDATES
-) -> float:
-    """The candidate with the largest summed (or mean) criterion; ties go to the smaller size.
+def criterion_by_candidate(probability: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """(Dice + lesion F1) / 2 of `probability` against `truth` for every entry of `CANDIDATES`.
+
+    Args:
+        probability: the foreground probability (X, Y, Z) on the truth's grid.
+        truth: the ground-truth mask.
+        spacing: voxel size in mm.
+
+    Returns:
+        float64 array of len(CANDIDATES).
+    """
+    probability = np.asarray(probability)
+    return np.concatenate([criterion_by_min_size(probability >= t, truth, spacing) for t in THRESHOLD_CANDIDATES])
+
+
+def choose_postprocessing(criterion_sums: Sequence[float]) -> Postprocessing:
+    """The candidate with the largest summed (or mean) criterion; ties go to the earlier one
+    of `CANDIDATES` (the higher threshold, then the smaller size).
 
     Raises:
-        ValueError: the two sequences differ in length or are empty.
+        ValueError: the sums are not one per candidate.
     """
     sums = np.asarray(criterion_sums, dtype=np.float64)
-    sizes = np.asarray(candidates, dtype=np.float64)
-    if sums.shape != sizes.shape or sums.size == 0:
-        raise ValueError(f"{sums.size} criterion values for {sizes.size} candidate sizes")
-    order = np.argsort(sizes, kind="stable")
-    best = order[0]
-    for i in order[1:]:
-        # A strict improvement beyond rounding noise is needed to prefer a larger size.
+    if sums.shape != (len(CANDIDATES),):
+        raise ValueError(f"{sums.size} criterion values for {len(CANDIDATES)} candidates")
+    best = 0
+    for i in range(1, len(CANDIDATES)):
+        # A strict improvement beyond rounding noise is needed to leave an earlier candidate.
         if sums[i] > sums[best] + 1e-12:
             best = i
-    return float(sizes[best])
+    threshold, size = CANDIDATES[best]
+    return Postprocessing(min_lesion_ml=size, threshold=threshold)

@@ -10,9 +10,10 @@ write for that case with the same weights. Scores:
   probability is mapped back from the training level; the metric Tune optimises.
 * `val_level_<metric>`: the same on the training level's grid against the store's level
   mask (reported only when the level is not the native grid, where they differ).
-* `postprocess_min_lesion_ml` and `val_postprocessed_score`: the small-component removal
-  size chosen on these cases (`postprocess.choose_min_lesion_ml`) and its mean
-  (Dice + lesion F1) / 2; every checkpoint carries the choice made on its own validation.
+* `postprocess_threshold`, `postprocess_min_lesion_ml` and `val_postprocessed_score`: the
+  threshold and small-component removal size chosen on these cases
+  (`postprocess.choose_postprocessing`) and their mean (Dice + lesion F1) / 2; every
+  checkpoint carries the choice made on its own validation.
 
 Workers validate disjoint shards of the subjects; `ValidationTotals` holds sums that are
 added over workers (`vector` / `from_vector`) before they become means.
@@ -32,10 +33,10 @@ from stroke_ray.inference import Prediction, normalise_case, predict_case
 from stroke_ray.ingest import PreparedCase
 from stroke_ray.metrics import METRIC_KEYS, isles_metrics
 from stroke_ray.postprocess import (
-    MIN_LESION_ML_CANDIDATES,
+    CANDIDATES,
     Postprocessing,
-    choose_min_lesion_ml,
-    criterion_by_min_size,
+    choose_postprocessing,
+    criterion_by_candidate,
 )
 from stroke_ray.store import NATIVE
 
@@ -92,7 +93,7 @@ class SubjectScores:
     subject: str
     native: dict[str, float]  # isles_metrics on the reference grid
     level: dict[str, float] | None  # isles_metrics on the training level (None at native)
-    postprocess: np.ndarray  # (Dice + lesion F1) / 2 per MIN_LESION_ML_CANDIDATES entry
+    postprocess: np.ndarray  # (Dice + lesion F1) / 2 per postprocess.CANDIDATES entry
 
 
 def score_subject(store, subject: str, case: PreparedCase, prediction: Prediction, level: str) -> SubjectScores:
@@ -109,7 +110,7 @@ def score_subject(store, subject: str, case: PreparedCase, prediction: Predictio
             )
         level_pred = prediction.level_probability >= THRESHOLD
         level_scores = isles_metrics(level_pred, truth, spacing_of(prediction.level_affine))
-    criterion = criterion_by_min_size(prediction.mask, case.mask, spacing)
+    criterion = criterion_by_candidate(prediction.probability, case.mask, spacing)
     return SubjectScores(subject, native, level_scores, criterion)
 
 
@@ -119,7 +120,7 @@ class ValidationTotals:
 
     native: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
     level: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
-    postprocess: np.ndarray = field(default_factory=lambda: np.zeros(len(MIN_LESION_ML_CANDIDATES)))
+    postprocess: np.ndarray = field(default_factory=lambda: np.zeros(len(CANDIDATES)))
     count: float = 0.0
     level_count: float = 0.0
 
@@ -142,7 +143,7 @@ class ValidationTotals:
 
     @classmethod
     def from_vector(cls, values: Sequence[float]) -> "ValidationTotals":
-        n, c = len(METRIC_KEYS), len(MIN_LESION_ML_CANDIDATES)
+        n, c = len(METRIC_KEYS), len(CANDIDATES)
         values = [float(v) for v in values]
         return cls(
             native=dict(zip(METRIC_KEYS, values[:n])),
@@ -153,10 +154,10 @@ class ValidationTotals:
         )
 
     def postprocessing(self) -> Postprocessing:
-        """The removal size chosen on these subjects (no removal when there were none)."""
+        """The threshold and removal size chosen on these subjects (0.5 and none without any)."""
         if self.count == 0:
             return Postprocessing(threshold=THRESHOLD)
-        return Postprocessing(min_lesion_ml=choose_min_lesion_ml(self.postprocess), threshold=THRESHOLD)
+        return choose_postprocessing(self.postprocess)
 
     def metrics(self) -> dict[str, float]:
         """Means: val_<metric> (native), val_level_<metric> (when scored), the removal choice."""
@@ -164,10 +165,11 @@ class ValidationTotals:
         out = {f"val_{k}": self.native[k] / n for k in METRIC_KEYS}
         if self.level_count:
             out.update({f"val_level_{k}": self.level[k] / self.level_count for k in METRIC_KEYS})
-        chosen = self.postprocessing().min_lesion_ml
-        out["postprocess_min_lesion_ml"] = chosen
+        chosen = self.postprocessing()
+        out["postprocess_threshold"] = chosen.threshold
+        out["postprocess_min_lesion_ml"] = chosen.min_lesion_ml
         out["val_postprocessed_score"] = float(
-            self.postprocess[MIN_LESION_ML_CANDIDATES.index(chosen)] / n
+            self.postprocess[CANDIDATES.index((chosen.threshold, chosen.min_lesion_ml))] / n
         )
         return out
 

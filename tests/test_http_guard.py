@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-
 from helpers import free_port
+
 from stroke_ray.auth import bearer_matches, is_loopback, load_token, token_digest
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.http_guard import GUARD_PATH, GuardRule, HttpGuard

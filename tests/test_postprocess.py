@@ -7,9 +7,12 @@ import pytest
 
 from stroke_ray.metrics import dice, label_lesions, lesion_f1
 from stroke_ray.postprocess import (
+    CANDIDATES,
     MIN_LESION_ML_CANDIDATES,
+    THRESHOLD_CANDIDATES,
     Postprocessing,
-    choose_min_lesion_ml,
+    choose_postprocessing,
+    criterion_by_candidate,
     criterion_by_min_size,
     remove_small_lesions,
 )
@@ -59,12 +62,35 @@ def test_criterion_matches_the_metrics_of_each_removed_mask():
     assert len(criterion_by_min_size(mask, truth, SPACING)) == len(MIN_LESION_ML_CANDIDATES)
 
 
-def test_choice_maximises_the_criterion_and_ties_go_to_the_smaller_size():
-    assert choose_min_lesion_ml([0.5, 0.7, 0.7, 0.6], [0.0, 0.1, 0.2, 0.5]) == 0.1
-    assert choose_min_lesion_ml([0.7, 0.7, 0.7], [0.0, 0.1, 0.2]) == 0.0
-    assert choose_min_lesion_ml([0.7, 0.9], [1.0, 0.5]) == 0.5  # order of the lists is irrelevant
+def test_choice_maximises_the_criterion_and_ties_go_to_the_higher_threshold_then_the_smaller_size():
+    sizes = len(MIN_LESION_ML_CANDIDATES)
+    assert CANDIDATES[0] == (0.5, 0.0) and len(CANDIDATES) == len(THRESHOLD_CANDIDATES) * sizes
+    flat = np.full(len(CANDIDATES), 0.7)
+    assert choose_postprocessing(flat) == Postprocessing(0.0, 0.5)  # all tied: change nothing
+    best = flat.copy()
+    best[CANDIDATES.index((0.3, 0.1))] = 0.9
+    best[CANDIDATES.index((0.2, 0.1))] = 0.9  # tied with a higher threshold: not chosen
+    best[CANDIDATES.index((0.3, 0.2))] = 0.9  # tied with a smaller size: not chosen
+    assert choose_postprocessing(best) == Postprocessing(min_lesion_ml=0.1, threshold=0.3)
     with pytest.raises(ValueError):
-        choose_min_lesion_ml([0.5], [0.0, 0.1])
+        choose_postprocessing([0.5, 0.7])
+
+
+def test_criterion_by_candidate_thresholds_the_probability_at_each_line():
+    mask, parts = _components()
+    truth = parts[27] | parts[1]
+    # the true lesions at probability 0.35, the false ones at 0.6: only thresholds <= 0.3 find the truth
+    prob = (parts[27] | parts[1]) * 0.35 + (parts[4] | parts[8]) * 0.6
+    got = criterion_by_candidate(prob, truth, SPACING)
+    assert got.shape == (len(CANDIDATES),)
+    for (t, size), value in zip(CANDIDATES, got):
+        kept = remove_small_lesions(prob >= t, SPACING, size)
+        assert value == pytest.approx(0.5 * (dice(kept, truth) + lesion_f1(kept, truth)))
+    chosen = choose_postprocessing(got)
+    # Thresholds 0.3, 0.2 and 0.1 see the same masks: the highest of them wins the tie, and
+    # 0.1 ml removes the false 4- and 8-voxel lesions (and the true 1-voxel one) best.
+    assert (chosen.threshold, chosen.min_lesion_ml) == (0.3, 0.1)
+    assert got[CANDIDATES.index((0.3, 0.1))] == got.max() > got[CANDIDATES.index((0.5, 0.1))]
 
 
 def test_postprocessing_round_trips_and_applies_threshold_then_removal():

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 REPORTED = {
     "epoch", "train_loss", "val_dice", "val_abs_volume_diff_ml", "val_abs_lesion_count_diff",
     "val_lesion_f1", "step_time_s", "epoch_time_s", "first_step_s", "val_level_dice",
-    "postprocess_min_lesion_ml", "val_postprocessed_score",
+    "postprocess_min_lesion_ml", "postprocess_threshold", "val_postprocessed_score",
 }
 
 
@@ -128,6 +128,7 @@ def test_train_tracks_and_resumes_without_duplicates(ray_local, tiny_store, tmp_
         loaded = load_checkpoint(d)
     assert raw["epoch"] == 0 and loaded.modalities == ["dwi", "adc"] and loaded.config.name == "resumable"
     assert raw["postprocessing"]["min_lesion_ml"] == result.metrics["postprocess_min_lesion_ml"]
+    assert raw["postprocessing"]["threshold"] == result.metrics["postprocess_threshold"]
 
     client = tracking.client_for(mlflow_uri)
     run_id = result.mlflow_run_id

@@ -1,7 +1,7 @@
 """Accuracy benchmark: the seed's recipe, each step of ours, and nnU-Net v2, on shifted cases.
 
     .venv/bin/python benchmarks/bench_accuracy.py [--budget-min 30] [--train-cases 24]
-        [--test-cases 8] [--variants seed,spacing,augment,deep_supervision,tta,postprocess,ensemble]
+        [--test-cases 8] [--variants seed,spacing,...,ensemble] [--peer] [--override JSON --tag=-x]
         [--peer] [--work bench-work/accuracy]
 
 Training cases come from `stroke-ray synth` (the `train` profile, with the real-scan DWI
@@ -18,11 +18,14 @@ Variants, each adding one step to the one before:
     spacing            the 2 mm physical-spacing level with the planner's patch, foreground
                        oversampling, Dice+CE
     augment            + strong augmentation
-    deep_supervision   + deep supervision (the training recipe)
+    deep_supervision   + deep supervision
+    lesion_sampling    + the lesion sampler (every lesion alike in the foreground patches)
+    instance_norm      + InstanceNorm instead of BatchNorm: the training recipe
+                       (configs/recipe.yaml, checked)
+    postprocess        + the threshold and minimum lesion size chosen on validation, same model
     tta                + mirroring test-time augmentation (8 flips), same model
-    postprocess        + removal of lesions below the size chosen on validation, same model
     ensemble           5-fold cross-validation, each fold a fifth of the budget, the fold
-                       ensemble with TTA and postprocessing
+                       ensemble with TTA and postprocessing chosen out of fold
 
 `--peer` adds nnU-Net v2 (`benchmarks/peer_nnunet.py`: its own 3d_fullres plan and
 preprocessing, a trainer stopped by the same CPU budget, its own mirroring TTA) on the same
@@ -47,9 +50,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "isles22-sample"
 MODALITIES = ["dwi", "adc", "flair"]
-ALL_VARIANTS = ("seed", "spacing", "augment", "deep_supervision", "tta", "postprocess", "ensemble")
+ALL_VARIANTS = ("seed", "spacing", "augment", "deep_supervision", "lesion_sampling", "instance_norm",
+                "postprocess", "tta", "ensemble")
 # Inference-only variants reuse the model of the variant they extend.
-REUSES = {"tta": "deep_supervision", "postprocess": "deep_supervision"}
+REUSES = {"postprocess": "instance_norm", "tta": "instance_norm"}
+# The training fields every step of the recipe sets; the last training step must match the
+# shipped recipe (stroke_ray/resources/configs/recipe.yaml) on all of them.
+RECIPE_FIELDS = ("data.level", "data.sampler", "data.foreground_fraction", "loss", "augment.preset",
+                 "model.deep_supervision", "model.norm", "model.architecture")
 
 
 @dataclass
@@ -63,21 +71,39 @@ class Variant:
 
 def variants(plan_patch: list[int]) -> dict[str, Variant]:
     seed = {"data": {"level": "64", "patch_size": 64, "sampler": "threshold", "threshold": 0.2},
-            "augment": {"preset": "none"}, "loss": "dice_bce", "model": {"deep_supervision": False}}
+            "augment": {"preset": "none"}, "loss": "dice_bce",
+            "model": {"deep_supervision": False, "norm": "batch"}}
     spacing = {"data": {"level": "2mm", "patch_size": plan_patch, "sampler": "foreground",
                         "foreground_fraction": 0.33},
-               "augment": {"preset": "none"}, "loss": "dice_ce", "model": {"deep_supervision": False}}
+               "augment": {"preset": "none"}, "loss": "dice_ce",
+               "model": {"deep_supervision": False, "norm": "batch"}}
     augment = _merge(spacing, {"augment": {"preset": "strong"}})
-    recipe = _merge(augment, {"model": {"deep_supervision": True}})
+    supervised = _merge(augment, {"model": {"deep_supervision": True}})
+    lesion = _merge(supervised, {"data": {"sampler": "lesion"}})
+    recipe = _merge(lesion, {"model": {"norm": "instance"}})
+    check_recipe(recipe)
     return {
         "seed": Variant("seed", seed),
         "spacing": Variant("spacing", spacing),
         "augment": Variant("augment", augment),
-        "deep_supervision": Variant("deep_supervision", recipe),
-        "tta": Variant("tta", recipe, tta_axes=(0, 1, 2)),
-        "postprocess": Variant("postprocess", recipe, tta_axes=(0, 1, 2), postprocess=True),
+        "deep_supervision": Variant("deep_supervision", supervised),
+        "lesion_sampling": Variant("lesion_sampling", lesion),
+        "instance_norm": Variant("instance_norm", recipe),
+        "postprocess": Variant("postprocess", recipe, postprocess=True),
+        "tta": Variant("tta", recipe, tta_axes=(0, 1, 2), postprocess=True),
         "ensemble": Variant("ensemble", recipe, tta_axes=(0, 1, 2), postprocess=True, folds=5),
     }
+
+
+def check_recipe(steps: dict) -> None:
+    """The benchmark's recipe is the shipped one: every field the steps set agrees with it."""
+    from stroke_ray.config import TrainConfig, flatten
+
+    shipped = flatten(TrainConfig.from_yaml("recipe").model_dump(mode="json"))
+    built = flatten(TrainConfig.from_dict(steps).model_dump(mode="json"))
+    wrong = {k: (built[k], shipped[k]) for k in RECIPE_FIELDS if built[k] != shipped[k]}
+    if wrong:
+        raise SystemExit(f"the benchmark's recipe differs from configs/recipe.yaml: {wrong}")
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -205,13 +231,18 @@ def score(pred_dir: Path, rows: list[dict], truths: dict[str, Path]) -> dict:
     return {"mean": mean, "bins": per_bin, "cases": cases}
 
 
+def stored_or_plain(variant: Variant) -> dict:
+    """Postprocessing as chosen on validation (stored in the checkpoint), or none: 0.5, no removal."""
+    return {} if variant.postprocess else {"threshold": 0.5, "min_lesion_ml": 0.0}
+
+
 def predict_and_score(name: str, checkpoint: Path, test_dir: Path, truths, work: Path, variant: Variant) -> dict:
     from stroke_ray.predict import predict_dataset
 
     out = work / "predictions" / name
     t = time.perf_counter()
     report = predict_dataset(test_dir, str(checkpoint), out, device="cpu", progress=False, overwrite=True,
-                             tta_axes=variant.tta_axes, min_lesion_ml=None if variant.postprocess else 0.0)
+                             tta_axes=variant.tta_axes, **stored_or_plain(variant))
     if report.failed:
         raise SystemExit(f"{name}: prediction failed: {report.failed}")
     result = score(out, report.rows, truths)
@@ -224,7 +255,7 @@ def score_real_case(checkpoint: Path, work: Path, variant: Variant) -> dict:
 
     out = work / "predictions" / "real-sample"
     report = predict_dataset(SAMPLE, str(checkpoint), out, device="cpu", progress=False, overwrite=True,
-                             tta_axes=variant.tta_axes, min_lesion_ml=None if variant.postprocess else 0.0)
+                             tta_axes=variant.tta_axes, **stored_or_plain(variant))
     truths = truth_masks(SAMPLE)
     return score(out, report.rows, truths)
 
@@ -402,7 +433,7 @@ def main() -> None:
         say("nnU-Net v2: export, plan, preprocess, train, predict")
         results["variants"]["nnU-Net v2"] = run_peer(store, test_dir, truths, work, args)
         results_file.write_text(json.dumps(results, indent=2, default=str))
-    final = next((n for n in ("postprocess", "tta", "deep_supervision") if n in wanted), None)
+    final = next((n for n in ("tta", "postprocess", "instance_norm") if n in wanted), None)
     if final is not None and SAMPLE.exists():
         source = REUSES.get(final, final)
         results["real_case"] = score_real_case(trained[source][0], work, table[final])

@@ -166,7 +166,7 @@ def plan(
         None, min=0.05, help="Memory budget of one training step in GiB (default: the GPU's, or a CPU default)."
     ),
     base_width: Optional[int] = typer.Option(None, min=1, help="Channels of the first level (default 32 on GPU, 16 on CPU)."),
-    config: Optional[Path] = typer.Option(None, "-c", "--config", help="Base training config to complete (default: built-in defaults)."),
+    config: Path = typer.Option("recipe", "-c", "--config", help="Base training config to complete (default: the shipped recipe)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the planned training config here (YAML)."),
 ) -> None:
     """Plan patch size, batch size and network for a store, as nnU-Net's planner does."""
@@ -188,7 +188,7 @@ def plan(
         f"batch {planned.batch_size}, widths {planned.widths}, estimated {planned.estimated_gb} GiB a step"
     )
     if output is not None:
-        raw = (TrainConfig.from_yaml(config) if config is not None else TrainConfig()).model_dump(mode="json")
+        raw = TrainConfig.from_yaml(config).model_dump(mode="json")
         raw["data"]["store"] = store
         updates = planned.config_updates()
         raw["data"].update(updates["data"])

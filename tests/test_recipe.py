@@ -136,6 +136,11 @@ def test_plan_command_writes_a_valid_config(synth_store_2mm, tmp_path):
     cfg = TrainConfig.from_yaml(out)
     assert cfg.data.level == "4mm" and cfg.data.store == synth_store_2mm
     assert all(edge % 2 ** (len(cfg.model.widths) - 1) == 0 for edge in cfg.data.patch)
+    # the shipped recipe, completed by the plan: what `stroke-ray train -c planned.yaml` trains
+    recipe = TrainConfig.from_yaml("recipe")
+    assert (cfg.data.sampler, cfg.model.norm, cfg.loss, cfg.augment) == (
+        "lesion", "instance", recipe.loss, recipe.augment)
+    assert cfg.model.deep_supervision and recipe.data.level == "2mm"
     bad = CliRunner().invoke(app, ["plan", synth_store_2mm, "--level", "7mm"])
     assert bad.exit_code == 2 and "no level '7mm'" in bad.output
 

@@ -42,10 +42,10 @@ def test_condition_only_samples_when_parent_matches():
     # The default space's sampler settings are conditional on the sampler drawn.
     space = SearchSpace.load(SPACES / "default.yaml")
     base = TrainConfig()
-    seen = {"foreground": set(), "threshold": set()}
+    seen = {"lesion": set(), "foreground": set(), "threshold": set()}
     for params in _sample(space, 60):
         sampler = params["data.sampler"]
-        assert ("data.foreground_fraction" in params) == (sampler == "foreground")
+        assert ("data.foreground_fraction" in params) == (sampler in ("lesion", "foreground"))
         assert ("data.threshold" in params) == (sampler == "threshold")
         cfg = space.trial_config(base, params)
         seen[sampler].add((cfg.data.threshold, cfg.data.foreground_fraction))
@@ -53,8 +53,8 @@ def test_condition_only_samples_when_parent_matches():
         assert cfg.data.level == "2mm" and cfg.data.patch in {(64, 64, 64), (80, 96, 80)}
     # An inactive parameter keeps the base config's value.
     assert {f for _, f in seen["threshold"]} == {base.data.foreground_fraction}
-    assert {t for t, _ in seen["foreground"]} == {base.data.threshold}
-    assert len(seen["threshold"]) > 1 and len(seen["foreground"]) > 1
+    assert {t for t, _ in seen["foreground"] | seen["lesion"]} == {base.data.threshold}
+    assert all(len(values) > 1 for values in seen.values())
 
 
 def test_seed_replication_ties_architecture_to_level():

@@ -21,7 +21,7 @@ from stroke_ray.resources import search_space_file
 __all__ = ["DEMO_LEVEL", "DemoResult", "SMOKE_SPACE", "run_demo"]
 
 SMOKE_SPACE = search_space_file("smoke")  # shipped with the package: works from a wheel
-DEMO_LEVEL = 64
+DEMO_LEVEL = "2mm"  # the recipe's level
 
 
 @dataclass
@@ -119,17 +119,21 @@ def run_demo(
     seconds["convert"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # The shipped recipe (configs/recipe.yaml) at the smoke space's scale: its networks and
+    # patches, 4 epochs of 40 steps, and light augmentation, which 160 steps can learn through.
+    recipe = TrainConfig.from_yaml("recipe").model_dump(mode="json", exclude_unset=True)
     base = TrainConfig.from_dict({
+        **recipe,
         "name": "demo",
-        # Long enough for the smoke models to find lesions (the space fixes the search only).
-        "data": {"store": str(store), "level": str(DEMO_LEVEL)},
+        "data": {**recipe["data"], "store": str(store), "level": DEMO_LEVEL},
+        "augment": "light",
         "steps_per_epoch": 40,
         "batch_size": 2,
         "storage_path": str(work / "runs"),
         "tracking_uri": tracking_uri,
         "experiment": "stroke-ray-demo",
         "seed": seed,
-    })
+    }, source="demo config")
     say(f"sweep: {SMOKE_SPACE.name} on Ray Tune, tracked in {tracking_uri}")
     sweep = run_sweep(
         SMOKE_SPACE, base, name="demo-smoke", storage_path=str(work / "runs"), tracking_uri=tracking_uri,

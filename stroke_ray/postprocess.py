@@ -5,14 +5,17 @@ components (bright DWI rims, noise). Removing every 26-connected component small
 minimum volume takes most of them away, at the risk of removing true small lesions; which
 size is right depends on the model and the data, so it is chosen on validation cases:
 
-* candidates are every pair of a probability threshold of `THRESHOLD_CANDIDATES` and a
-  minimum volume of `MIN_LESION_ML_CANDIDATES` (0 = remove nothing);
-* for every validation case and candidate the criterion is (Dice + lesion F1) / 2 of the
-  thresholded prediction after removal, against the ground truth, on the case's own grid
-  (`metrics.dice`, `metrics.lesion_f1`: the ISLES'22 definitions);
-* the chosen pair maximises the mean criterion over the cases; ties go to the higher
-  threshold (0.5 first), then the smaller size, so a change from "0.5, remove nothing" only
-  happens when it helps.
+* the threshold comes first: the one of `THRESHOLD_CANDIDATES` with the best mean Dice over
+  the cases, on the case's own grid; it replaces 0.5 only when it gains at least
+  `MIN_DICE_GAIN`. Dice, not the lesion F1, decides it: the ISLES'22 lesion F1 counts a
+  true lesion as found when any predicted voxel touches it, so a low threshold that marks
+  the whole brain scores lesion F1 1.0 (one component, touching every lesion, none false);
+  its Dice is near 0;
+* then the size: for every minimum volume of `MIN_LESION_ML_CANDIDATES` (0 = remove
+  nothing) the criterion is (Dice + lesion F1) / 2 of the prediction at that threshold
+  after removal, against the ground truth (`metrics.dice`, `metrics.lesion_f1`: the
+  ISLES'22 definitions); the chosen size maximises its mean over the cases, ties going to
+  the smaller size, so removal only happens when it helps.
 
 The threshold is chosen because a network trained briefly on patches is under-confident
 where lesions are faint or a few voxels small: its probability there peaks at 0.2-0.5,
@@ -33,12 +36,15 @@ from stroke_ray.metrics import dice, label_lesions, lesion_f1, voxel_volume_ml
 
 __all__ = [
     "CANDIDATES",
+    "MIN_DICE_GAIN",
     "MIN_LESION_ML_CANDIDATES",
+    "N_SCORES",
     "THRESHOLD_CANDIDATES",
     "Postprocessing",
     "choose_postprocessing",
-    "criterion_by_candidate",
     "criterion_by_min_size",
+    "postprocess_scores",
+    "postprocessed_score",
     "remove_small_lesions",
 ]
 
@@ -50,11 +56,14 @@ MIN_LESION_ML_CANDIDATES: tuple[float, ...] = (
 )
 # Probability thresholds, in order of preference (ties go to the earlier one).
 THRESHOLD_CANDIDATES: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
-# Every (threshold, minimum size) pair, in order of preference: the layout of the criterion
-# vectors that validation sums over cases and workers.
+# Mean Dice a threshold must gain over 0.5 to be chosen: below it, noise on a few cases.
+MIN_DICE_GAIN = 0.01
+# Every (threshold, minimum size) pair: with one Dice per threshold in front, the layout of
+# the score vectors that validation sums over cases and workers (`postprocess_scores`).
 CANDIDATES: tuple[tuple[float, float], ...] = tuple(
     (t, s) for t in THRESHOLD_CANDIDATES for s in MIN_LESION_ML_CANDIDATES
 )
+N_SCORES = len(THRESHOLD_CANDIDATES) + len(CANDIDATES)
 # Component volumes are voxel counts times the voxel volume; this slack keeps a component
 # of exactly the minimum size from being removed by floating-point rounding.
 _RELATIVE_SLACK = 1e-9
@@ -150,8 +159,10 @@ def criterion_by_min_size(
     return out
 
 
-def criterion_by_candidate(probability: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """(Dice + lesion F1) / 2 of `probability` against `truth` for every entry of `CANDIDATES`.
+def postprocess_scores(probability: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """What the choice of a case's postprocessing is made from: the Dice of `probability` at
+    every threshold of `THRESHOLD_CANDIDATES`, then (Dice + lesion F1) / 2 for every entry of
+    `CANDIDATES` (threshold, then removal).
 
     Args:
         probability: the foreground probability (X, Y, Z) on the truth's grid.
@@ -159,26 +170,42 @@ def criterion_by_candidate(probability: np.ndarray, truth: np.ndarray, spacing: 
         spacing: voxel size in mm.
 
     Returns:
-        float64 array of len(CANDIDATES).
+        float64 array of N_SCORES values; sum them over cases, then `choose_postprocessing`.
     """
     probability = np.asarray(probability)
-    return np.concatenate([criterion_by_min_size(probability >= t, truth, spacing) for t in THRESHOLD_CANDIDATES])
+    masks = [probability >= t for t in THRESHOLD_CANDIDATES]
+    dices = [dice(m, truth) for m in masks]
+    return np.concatenate([dices, *(criterion_by_min_size(m, truth, spacing) for m in masks)])
 
 
-def choose_postprocessing(criterion_sums: Sequence[float]) -> Postprocessing:
-    """The candidate with the largest summed (or mean) criterion; ties go to the earlier one
-    of `CANDIDATES` (the higher threshold, then the smaller size).
+def choose_postprocessing(mean_scores: Sequence[float]) -> Postprocessing:
+    """The threshold with the best mean Dice (0.5 unless another gains `MIN_DICE_GAIN`; ties
+    go to the higher threshold), then at it the size with the best mean criterion (ties go
+    to the smaller size), from `postprocess_scores` averaged over cases.
 
     Raises:
-        ValueError: the sums are not one per candidate.
+        ValueError: not N_SCORES values.
     """
-    sums = np.asarray(criterion_sums, dtype=np.float64)
-    if sums.shape != (len(CANDIDATES),):
-        raise ValueError(f"{sums.size} criterion values for {len(CANDIDATES)} candidates")
+    scores = np.asarray(mean_scores, dtype=np.float64)
+    if scores.shape != (N_SCORES,):
+        raise ValueError(f"{scores.size} scores for {N_SCORES} (thresholds and candidates)")
+    dices = scores[: len(THRESHOLD_CANDIDATES)]
     best = 0
-    for i in range(1, len(CANDIDATES)):
-        # A strict improvement beyond rounding noise is needed to leave an earlier candidate.
-        if sums[i] > sums[best] + 1e-12:
+    for i in range(1, len(THRESHOLD_CANDIDATES)):
+        if dices[i] >= dices[0] + MIN_DICE_GAIN and dices[i] > dices[best] + 1e-12:
             best = i
-    threshold, size = CANDIDATES[best]
-    return Postprocessing(min_lesion_ml=size, threshold=threshold)
+    threshold = THRESHOLD_CANDIDATES[best]
+    sizes = len(MIN_LESION_ML_CANDIDATES)
+    row = scores[len(THRESHOLD_CANDIDATES):].reshape(len(THRESHOLD_CANDIDATES), sizes)[best]
+    size = 0
+    for j in range(1, sizes):
+        # A strict improvement beyond rounding noise is needed to prefer a larger size.
+        if row[j] > row[size] + 1e-12:
+            size = j
+    return Postprocessing(min_lesion_ml=MIN_LESION_ML_CANDIDATES[size], threshold=threshold)
+
+
+def postprocessed_score(mean_scores: Sequence[float], chosen: Postprocessing) -> float:
+    """The mean (Dice + lesion F1) / 2 of the `chosen` postprocessing, from the same scores."""
+    index = len(THRESHOLD_CANDIDATES) + CANDIDATES.index((chosen.threshold, chosen.min_lesion_ml))
+    return float(np.asarray(mean_scores, dtype=np.float64)[index])

@@ -33,10 +33,11 @@ from stroke_ray.inference import Prediction, normalise_case, predict_case
 from stroke_ray.ingest import PreparedCase
 from stroke_ray.metrics import METRIC_KEYS, isles_metrics
 from stroke_ray.postprocess import (
-    CANDIDATES,
+    N_SCORES,
     Postprocessing,
     choose_postprocessing,
-    criterion_by_candidate,
+    postprocess_scores,
+    postprocessed_score,
 )
 from stroke_ray.store import NATIVE
 
@@ -93,7 +94,7 @@ class SubjectScores:
     subject: str
     native: dict[str, float]  # isles_metrics on the reference grid
     level: dict[str, float] | None  # isles_metrics on the training level (None at native)
-    postprocess: np.ndarray  # (Dice + lesion F1) / 2 per postprocess.CANDIDATES entry
+    postprocess: np.ndarray  # postprocess.postprocess_scores: what the postprocessing is chosen from
 
 
 def score_subject(store, subject: str, case: PreparedCase, prediction: Prediction, level: str) -> SubjectScores:
@@ -110,7 +111,7 @@ def score_subject(store, subject: str, case: PreparedCase, prediction: Predictio
             )
         level_pred = prediction.level_probability >= THRESHOLD
         level_scores = isles_metrics(level_pred, truth, spacing_of(prediction.level_affine))
-    criterion = criterion_by_candidate(prediction.probability, case.mask, spacing)
+    criterion = postprocess_scores(prediction.probability, case.mask, spacing)
     return SubjectScores(subject, native, level_scores, criterion)
 
 
@@ -120,7 +121,7 @@ class ValidationTotals:
 
     native: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
     level: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
-    postprocess: np.ndarray = field(default_factory=lambda: np.zeros(len(CANDIDATES)))
+    postprocess: np.ndarray = field(default_factory=lambda: np.zeros(N_SCORES))
     count: float = 0.0
     level_count: float = 0.0
 
@@ -143,7 +144,7 @@ class ValidationTotals:
 
     @classmethod
     def from_vector(cls, values: Sequence[float]) -> "ValidationTotals":
-        n, c = len(METRIC_KEYS), len(CANDIDATES)
+        n, c = len(METRIC_KEYS), N_SCORES
         values = [float(v) for v in values]
         return cls(
             native=dict(zip(METRIC_KEYS, values[:n])),
@@ -157,7 +158,7 @@ class ValidationTotals:
         """The threshold and removal size chosen on these subjects (0.5 and none without any)."""
         if self.count == 0:
             return Postprocessing(threshold=THRESHOLD)
-        return choose_postprocessing(self.postprocess)
+        return choose_postprocessing(self.postprocess / self.count)
 
     def metrics(self) -> dict[str, float]:
         """Means: val_<metric> (native), val_level_<metric> (when scored), the removal choice."""
@@ -168,9 +169,7 @@ class ValidationTotals:
         chosen = self.postprocessing()
         out["postprocess_threshold"] = chosen.threshold
         out["postprocess_min_lesion_ml"] = chosen.min_lesion_ml
-        out["val_postprocessed_score"] = float(
-            self.postprocess[CANDIDATES.index((chosen.threshold, chosen.min_lesion_ml))] / n
-        )
+        out["val_postprocessed_score"] = postprocessed_score(self.postprocess / n, chosen)
         return out
 
 

@@ -20,7 +20,7 @@ def _trials(space: SearchSpace) -> list[TrialSummary]:
     trials = []
     for i in range(5):
         params = {"model.architecture": ["unet3d", "unet2plus1d"][i % 2], "model.widths": [[8, 16, 32], [16, 32, 64]][i % 2],
-                  "data.patch_size": [16, 32][i % 2], "loss": "dice_bce", "data.threshold": 0.1 + 0.08 * i,
+                  "data.patch_size": [24, 32][i % 2], "loss": "dice_ce", "data.foreground_fraction": 0.35 + 0.06 * i,
                   "optim.lr": float(10 ** rng.uniform(-2.7, -2))}
         curve = list(np.cumsum(rng.uniform(0, 0.2, 2 + 2 * (i % 2))))
         trials.append(TrialSummary(trial_id=f"t{i}", status="TERMINATED", params=params, metric=max(curve),

@@ -14,7 +14,13 @@ from stroke_ray.config import TrainConfig
 from stroke_ray.grid import cube_affine
 from stroke_ray.metrics import METRIC_KEYS
 from stroke_ray.models import build_model, size_multiple
-from stroke_ray.postprocess import CANDIDATES, MIN_LESION_ML_CANDIDATES, Postprocessing
+from stroke_ray.postprocess import (
+    CANDIDATES,
+    MIN_LESION_ML_CANDIDATES,
+    N_SCORES,
+    THRESHOLD_CANDIDATES,
+    Postprocessing,
+)
 from stroke_ray.store import NATIVE, LevelArrays, StrokeStore
 from stroke_ray.validation import (
     SubjectScores,
@@ -175,8 +181,9 @@ def test_totals_add_up_over_workers_and_choose_the_size():
     rng = np.random.default_rng(0)
     a, b = ValidationTotals(), ValidationTotals()
     for i, totals in enumerate((a, b, b)):
-        post = rng.uniform(size=len(CANDIDATES))
-        post[CANDIDATES.index((0.3, MIN_LESION_ML_CANDIDATES[3]))] = 2.0  # the best on every subject
+        post = rng.uniform(0.0, 0.5, size=N_SCORES)
+        post[THRESHOLD_CANDIDATES.index(0.3)] = 0.9  # the best Dice on every subject
+        post[len(THRESHOLD_CANDIDATES) + CANDIDATES.index((0.3, MIN_LESION_ML_CANDIDATES[3]))] = 2.0
         totals.add(SubjectScores(f"s{i}", dict.fromkeys(METRIC_KEYS, 0.5), None, post))
     merged = ValidationTotals.from_vector(np.add(a.vector(), b.vector()))
     assert merged.count == 3 and merged.level_count == 0

@@ -120,14 +120,14 @@ def run_demo(
 
     t = time.perf_counter()
     # The shipped recipe (configs/recipe.yaml) at the smoke space's scale: its networks and
-    # patches, 4 epochs of 40 steps, and light augmentation, which 160 steps can learn through.
+    # patches, 4 epochs of 60 steps, and light augmentation, which 240 steps can learn through.
     recipe = TrainConfig.from_yaml("recipe").model_dump(mode="json", exclude_unset=True)
     base = TrainConfig.from_dict({
         **recipe,
         "name": "demo",
         "data": {**recipe["data"], "store": str(store), "level": DEMO_LEVEL},
         "augment": "light",
-        "steps_per_epoch": 40,
+        "steps_per_epoch": 60,
         "batch_size": 2,
         "storage_path": str(work / "runs"),
         "tracking_uri": tracking_uri,

@@ -113,6 +113,12 @@ def test_artefacts_raise_dwi_not_adc_and_leave_the_mask():
     assert np.all(adc[brain] >= adc0[brain] - 1e-6)
     # Bright on DWI but not dark on ADC there: the cue that tells them from infarcts.
     assert np.median(dwi[region]) > 1.4 * np.median(dwi0[brain])
+    # Hot spots give the real scans' bright tail: lesion-sized blobs above 2.5 x the median
+    # outside any lesion, which the plain case never has.
+    outside = brain & (with_.mask == 0)
+    assert with_.info["artefacts"]["spots"] >= 3
+    assert (dwi[outside] > 2.5 * np.median(dwi[brain])).sum() >= 10
+    assert (dwi0[outside] > 2.5 * np.median(dwi0[brain])).sum() == 0
     assert np.median(adc[region]) > 0.9 * np.median(adc0[brain])
     lesion = with_.mask > 0
     assert np.median(adc[lesion]) < 0.8 * np.median(adc0[brain])

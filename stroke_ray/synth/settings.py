@@ -63,6 +63,12 @@ class Artefacts(_Frozen):
     rim_gain: Range = (0.4, 1.1)
     rim_depth_mm: Positive = 6.0
     adc_gain: Range = (0.0, 0.1)
+    # Hot spots: small, very bright blobs inside the sites and the rim (susceptibility
+    # pile-up is spotty): the tail of the real DWI (its 99.9th percentile outside lesions
+    # is 2.9 x the median, its maximum 6 x), lesion-sized and lesion-bright, normal ADC.
+    spot_count: Annotated[tuple[int, int], AfterValidator(_ordered)] = (3, 10)  # inclusive
+    spot_gain: Range = (1.5, 4.0)
+    spot_radius_mm: Range = (2.5, 6.0)
 
 
 class SynthSettings(_Frozen):
@@ -146,7 +152,8 @@ PROFILES: dict[str, SynthSettings] = {
         embolic_radius_mm=(2.0, 5.0),
         embolic_count=(3, 8),
         embolic_cluster_mm=30.0,
-        artefacts=Artefacts(probability=1.0, regional_gain=(0.4, 1.0), rim_gain=(0.5, 1.2)),
+        artefacts=Artefacts(probability=1.0, regional_gain=(0.4, 1.0), rim_gain=(0.5, 1.2),
+                            spot_count=(4, 12), spot_gain=(1.5, 4.5)),
     ),
 }
 

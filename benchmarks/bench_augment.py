@@ -42,14 +42,14 @@ SETTINGS = {
     "strong+elastic": AugmentConfig(preset="strong", elastic={"p": 0.2}),
 }
 TRANSFORMS = ("flip", "rotation", "scale", "elastic", "bias_field", "noise", "blur",
-              "brightness", "contrast", "low_res", "gamma")
+              "brightness", "contrast", "low_res", "thick_slices", "gamma")
 
 
 def everything() -> AugmentConfig:
     per_channel = {"p": 1.0, "p_per_channel": 1.0}
     return AugmentConfig(
         preset="strong", flip={"p": 0.5}, rotation={"p": 1.0}, scale={"p": 1.0}, elastic={"p": 1.0},
-        noise={"p": 1.0}, gamma={"p": 1.0, "p_inverted": 1.0},
+        noise={"p": 1.0}, gamma={"p": 1.0, "p_inverted": 1.0}, thick_slices={"p": 1.0},
         **{n: per_channel for n in ("bias_field", "blur", "brightness", "contrast", "low_res")},
     )
 

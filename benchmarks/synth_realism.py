@@ -60,6 +60,10 @@ def statistics(case: dict[str, np.ndarray]) -> dict[str, float]:
         band = brain & ~lesion & (depth > lo) & (depth <= hi)
         name = f"dwi_p99_{lo:g}-{hi:g}mm" if np.isfinite(hi) else f"dwi_p99_>{lo:g}mm"
         stats[name] = float(np.percentile(dwi[band], 99)) / dwi_med if band.any() else float("nan")
+    outside = dwi[brain & ~lesion] / dwi_med
+    stats["dwi_p99.9_outside"] = float(np.percentile(outside, 99.9))
+    stats["dwi_max_outside"] = float(outside.max())
+    stats["above_2.5x_per_100k"] = 1e5 * float((outside > 2.5).sum()) / outside.size  # the hot tail
     bright = brain & ~lesion & (dwi > 1.5 * dwi_med)
     stats["bright_pct"] = 100.0 * bright.sum() / (brain & ~lesion).sum()
     stats["bright_lowadc_pct"] = 100.0 * (bright & (adc < 0.7 * adc_med)).sum() / max(bright.sum(), 1)

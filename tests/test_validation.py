@@ -139,14 +139,31 @@ def test_predict_applies_the_stored_postprocessing(synth_dataset, nifti_store, t
     model = dwi_threshold_unet(cfg, len(store.modalities))  # finds small false blobs beside the lesions
     kwargs = {"modalities": store.modalities, "normalization": store.normalization, "epoch": 0, "config": cfg}
     save_checkpoint(tmp_path / "plain", model=model, **kwargs)
-    save_checkpoint(tmp_path / "post", model=model, postprocessing=Postprocessing(min_lesion_ml=0.1), **kwargs)
     one = {"subjects": store.subjects()[:1], "tta_axes": (), "progress": False}
     plain = predict_dataset(synth_dataset, tmp_path / "plain", tmp_path / "a", **one)
+    # The stored minimum size lies between the smallest and the largest component the plain
+    # prediction found, so it must remove some and keep others.
+    volumes = _component_volumes_ml(tmp_path / "a" / plain.rows[0]["mask_file"])
+    assert len(volumes) >= 2 and volumes[0] < volumes[-1], volumes
+    min_ml = float(np.sqrt(volumes[0] * volumes[-1]))
+    save_checkpoint(tmp_path / "post", model=model, postprocessing=Postprocessing(min_lesion_ml=min_ml), **kwargs)
     post = predict_dataset(synth_dataset, tmp_path / "post", tmp_path / "b", **one)
     override = predict_dataset(synth_dataset, tmp_path / "post", tmp_path / "c", min_lesion_ml=0.0, **one)
     counts = [[r["lesion_count"] for r in report.rows] for report in (plain, post, override)]
     assert counts[0] == counts[2] and 0 < sum(counts[1]) < sum(counts[0]), counts
     assert all(b <= a for a, b in zip(counts[0], counts[1]))
+
+
+def _component_volumes_ml(mask_file) -> list[float]:
+    """Sorted volumes (ml) of a mask file's lesions, labelled as the metrics label them."""
+    import nibabel as nib
+
+    from stroke_ray.metrics import label_lesions
+
+    img = nib.load(mask_file)
+    labels, _ = label_lesions(np.asarray(img.dataobj) > 0)
+    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    return sorted(float(n) * voxel_ml for n in np.bincount(labels.ravel())[1:] if n)
 
 
 def _cube_store(url: str, cases: dict[str, int]) -> StrokeStore:

@@ -190,6 +190,9 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     loss: LossName = "dice_bce"
+    # Cross-entropy weight of a lesion voxel, up to this many times a background voxel's, by
+    # how small its lesion is (losses.small_lesion_weights); 1 = plain cross-entropy.
+    small_lesion_weight: float = Field(1.0, ge=1.0)
     epochs: int = Field(10, ge=1)  # an upper bound when time_budget_s is set
     # Stop at the first epoch boundary after this many seconds of training (wall clock, or
     # the training process's CPU seconds with time_budget_clock "process"); None = no limit.

@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "LOG_FLOOR",
+    "SMALL_LESION_WINDOW",
     "LOSS_NAMES",
     "SMOOTH_DR",
     "SMOOTH_NR",
@@ -39,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "generalized_dice_score",
     "soft_dice_loss",
+    "small_lesion_weights",
     "SegmentationLoss",
     "DeepSupervisionLoss",
     "deep_supervision_weights",
@@ -48,6 +50,7 @@ __all__ = [
 SMOOTH_NR = 1e-5  # added to the Dice numerator: the score of an empty prediction on an empty target is 1
 SMOOTH_DR = 1e-5  # added to the Dice denominator: no division by zero when both are empty
 LOG_FLOOR = 1e-7  # ln() of the score is taken at no less than this, to stay finite
+SMALL_LESION_WINDOW = 7  # voxels: the neighbourhood whose lesion share stands for a lesion's size
 
 LOSS_NAMES = ("dice_bce", "gdl_ce", "gdl_ce_log", "dice_ce", "dice", "bce", "gdl", "ce")
 
@@ -112,13 +115,39 @@ def generalized_dice_score(
     return (2 * (w * inter).sum() + smooth_nr) / ((w * (psum + tsum)).sum() + smooth_dr)
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def small_lesion_weights(target: torch.Tensor, max_weight: float, window: int = SMALL_LESION_WINDOW,
+                         full_share: float = 0.5) -> torch.Tensor:
+    """Per-voxel cross-entropy weights (B, 1, ...) that make a small lesion count as much as
+    a large one's boundary.
+
+    A lesion voxel's weight is `full_share / d`, clipped to [1, max_weight], where d is the
+    lesion share of the `window`^3 neighbourhood around it: voxels inside or along a large
+    lesion (d >= full_share) keep weight 1, a lesion of a few voxels gets up to `max_weight`.
+    Background voxels weigh 1. The local share stands in for the lesion's size without
+    labelling components, so it runs on the training device after augmentation, and a soft
+    target (deep supervision's lower outputs) weighs in proportion to its lesion fraction.
+    """
+    t = target.float()
+    share = F.avg_pool3d(t, window, stride=1, padding=window // 2, count_include_pad=True)
+    boost = (full_share / share.clamp_min(1e-6)).clamp(1.0, float(max_weight))
+    return 1.0 + (boost - 1.0) * t.clamp(0.0, 1.0)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, small_lesion_weight: float = 1.0) -> torch.Tensor:
     """BCE-with-logits for a binary head; softmax cross-entropy on class indices otherwise.
-    (CrossEntropyLoss on a single channel is identically zero, hence the split.)"""
+    (CrossEntropyLoss on a single channel is identically zero, hence the split.)
+
+    `small_lesion_weight` > 1 weighs each voxel by `small_lesion_weights` (foreground = any
+    class but 0), the mean taken over voxels as without weights."""
     logits, target = _prepare(logits, target)
+    weight = None
+    if small_lesion_weight > 1.0:
+        foreground = target.float() if logits.shape[1] == 1 else (target > 0).float()
+        weight = small_lesion_weights(foreground, small_lesion_weight)
     if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits, target.float())
-    return F.cross_entropy(logits, target[:, 0].long())
+        return F.binary_cross_entropy_with_logits(logits, target.float(), weight=weight)
+    voxel_ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")
+    return voxel_ce.mean() if weight is None else (voxel_ce * weight[:, 0]).mean()
 
 
 class SegmentationLoss(nn.Module):
@@ -130,12 +159,16 @@ class SegmentationLoss(nn.Module):
         use_ce: bool,
         smooth_nr: float = SMOOTH_NR,
         smooth_dr: float = SMOOTH_DR,
+        small_lesion_weight: float = 1.0,
     ):
         super().__init__()
         if region not in (None, "dice", "gdl", "gdl_log"):
             raise ValueError(f"unknown region term {region!r}")
+        if small_lesion_weight < 1.0:
+            raise ValueError(f"small_lesion_weight must be >= 1 (1 = plain cross-entropy), got {small_lesion_weight}")
         self.region, self.use_ce = region, use_ce
         self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
+        self.small_lesion_weight = float(small_lesion_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros((), dtype=torch.float32)
@@ -147,11 +180,12 @@ class SegmentationLoss(nn.Module):
             gds = generalized_dice_score(logits, target, self.smooth_nr, self.smooth_dr)
             loss = loss - torch.log(gds.clamp_min(LOG_FLOOR))
         if self.use_ce:
-            loss = loss + cross_entropy(logits, target)
+            loss = loss + cross_entropy(logits, target, self.small_lesion_weight)
         return loss
 
     def extra_repr(self) -> str:
-        return f"region={self.region}, ce={self.use_ce}, smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}"
+        return (f"region={self.region}, ce={self.use_ce}, smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}, "
+                f"small_lesion_weight={self.small_lesion_weight}")
 
 
 _TERMS: dict[str, tuple[str | None, bool]] = {
@@ -216,14 +250,17 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
-def build_loss(name: str, out_channels: int = 1, **smoothing: float) -> nn.Module:
+def build_loss(name: str, out_channels: int = 1, small_lesion_weight: float = 1.0, **smoothing: float) -> nn.Module:
     """The loss `name` (see the module docstring) for a head with `out_channels` outputs.
 
-    `smoothing` may set smooth_nr / smooth_dr of the Dice and GDL terms."""
+    `small_lesion_weight` > 1 weighs the cross-entropy term's lesion voxels by how small their
+    lesion is (`small_lesion_weights`); `smoothing` may set smooth_nr / smooth_dr of the Dice
+    and GDL terms."""
     if name not in _TERMS:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     if out_channels < 1:
         raise ValueError(f"out_channels must be >= 1, got {out_channels}")
     region, use_ce = _TERMS[name]
     # Wrapped so that a deep-supervised network's list of outputs is accepted as well.
-    return DeepSupervisionLoss(SegmentationLoss(region, use_ce, **smoothing), out_channels)
+    return DeepSupervisionLoss(SegmentationLoss(region, use_ce, small_lesion_weight=small_lesion_weight, **smoothing),
+                               out_channels)

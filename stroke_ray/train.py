@@ -138,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model, in_channels=len(modalities)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
-    loss_fn = build_loss(cfg.loss, cfg.model.out_channels)
+    loss_fn = build_loss(cfg.loss, cfg.model.out_channels, small_lesion_weight=cfg.small_lesion_weight)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     multiple = size_multiple(cfg.model)

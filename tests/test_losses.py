@@ -169,3 +169,49 @@ def test_bad_names_and_shapes():
         build_loss("focal")
     with pytest.raises(ValueError, match="does not match"):
         build_loss("dice")(_logits(1), torch.zeros(2, 1, 3, 3, 3))
+
+
+def _small_and_large_lesion() -> torch.Tensor:
+    t = torch.zeros(1, 1, 32, 32, 32)
+    t[0, 0, 4, 4, 4] = 1.0  # a one-voxel lesion
+    t[0, 0, 10:26, 10:26, 10:26] = 1.0  # a 16^3 lesion
+    return t
+
+
+def test_small_lesion_weights_by_lesion_size():
+    from stroke_ray.losses import small_lesion_weights
+
+    t = _small_and_large_lesion()
+    w = small_lesion_weights(t, max_weight=30.0)
+    assert w[0, 0, 4, 4, 4] == 30.0  # the dot: capped at max_weight
+    assert w[0, 0, 18, 18, 18] == 1.0  # inside the large lesion
+    assert w[0, 0, 18, 18, 10] == 1.0  # on the large lesion's face: half of its window is lesion
+    assert torch.all(w[t == 0] == 1.0)  # background
+    soft = small_lesion_weights(t * 0.5, max_weight=30.0)  # a soft target weighs by its fraction
+    assert 1.0 < soft[0, 0, 4, 4, 4] < 30.0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_small_lesion_weight_one_is_plain_ce_and_more_lifts_the_dot(k):
+    t = _small_and_large_lesion()
+    target = t if k == 1 else t.long()
+    logits = torch.zeros(1, k, 32, 32, 32, requires_grad=True)
+    plain = build_loss("dice_ce", k)(logits, target)
+    assert torch.allclose(build_loss("dice_ce", k, small_lesion_weight=1.0)(logits, target), plain)
+    grads = []
+    for weight in (1.0, 20.0):
+        logits.grad = None
+        build_loss("ce", k, small_lesion_weight=weight)(logits, target).backward()
+        g = logits.grad[0, -1]
+        grads.append((g[4, 4, 4].abs().item(), g[18, 18, 18].abs().item()))
+    (dot_plain, big_plain), (dot_weighted, big_weighted) = grads
+    assert dot_weighted == pytest.approx(20.0 * dot_plain) and big_weighted == pytest.approx(big_plain)
+
+
+def test_small_lesion_weight_below_one_is_refused():
+    from stroke_ray.config import ConfigError, TrainConfig
+
+    with pytest.raises(ValueError):
+        build_loss("dice_ce", 1, small_lesion_weight=0.5)
+    with pytest.raises(ConfigError, match="small_lesion_weight"):
+        TrainConfig.from_dict({"small_lesion_weight": 0.5})

@@ -3,7 +3,9 @@
 Rotation, scaling and the elastic field of a sample are composed into one sampling grid and
 the sample is resampled once (`torch.nn.functional.grid_sample`): the image trilinearly,
 the mask trilinearly on its 0/1 field then thresholded at 0.5, so it stays binary and on
-the same grid as the image. Outside the source patch the image is filled with each channel's
+the same grid as the image; a lesion of a voxel or two whose resampled values all fall
+below 0.5 keeps its peak voxel (`lost_lesion_peaks`), or a rotated or zoomed-out patch would
+show a bright lesion labelled as background. Outside the source patch the image is filled with each channel's
 *air* value (the normalised value of raw intensity 0), the mask with 0. Flips are exact
 index reversals, applied after the resampling. Only the samples that drew a transform are
 resampled; a batch that drew none is returned as it came.
@@ -21,7 +23,13 @@ import torch.nn.functional as F
 
 from stroke_ray.augment_config import AugmentConfig
 
-__all__ = ["flip_batch", "gaussian_blur", "rotation_matrices", "spatial_transform", "voxel_affine_grid"]
+__all__ = ["PEAK_FLOOR", "flip_batch", "gaussian_blur", "lost_lesion_peaks", "rotation_matrices", "spatial_transform",
+           "voxel_affine_grid"]
+
+# Below this share of a lesion voxel a resampled peak is dropped: 1/8 is the least a pure
+# sub-voxel shift leaves of a one-voxel lesion in its nearest output voxel; a zoomed-out
+# sample can leave less, where the image shows the lesion barely more than the mask would.
+PEAK_FLOOR = 0.1
 
 
 def uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -154,8 +162,19 @@ def spatial_transform(
     stacked = torch.cat([image[todo] - fill, mask[todo].to(image.dtype)], 1)
     moved = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     image = image.index_copy(0, todo, moved[:, :channels] + fill)
-    mask = mask.index_copy(0, todo, (moved[:, channels:] >= 0.5).to(mask.dtype))
+    soft = moved[:, channels:]
+    mask = mask.index_copy(0, todo, ((soft >= 0.5) | lost_lesion_peaks(soft)).to(mask.dtype))
     return image, mask
+
+
+def lost_lesion_peaks(soft: torch.Tensor, floor: float = PEAK_FLOOR) -> torch.Tensor:
+    """Where a resampled 0/1 mask (B, 1, X, Y, Z) peaks below 0.5: the voxels at least
+    `floor` that no 26-neighbour exceeds. A lesion that keeps a voxel >= 0.5 has its peaks
+    there already, and a large lesion's rim falls off monotonically (no peak), so only the
+    lesions that thresholding would erase gain a voxel, as `grid.keep_lost_components`
+    gives one back when the store resamples masks."""
+    local_max = F.max_pool3d(soft, 3, stride=1, padding=1)
+    return (soft >= local_max) & (soft >= floor) & (soft < 0.5)
 
 
 def flip_batch(

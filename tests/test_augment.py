@@ -292,3 +292,22 @@ def test_rotation_of_a_non_cubic_patch_is_a_rotation_in_voxel_space():
     found = torch.stack([(g * out).sum() / out.sum() for g in grids]).float()
     expect = mid + rot.T @ (point - mid)  # output offset = R^T @ input offset
     assert torch.allclose(found, expect, atol=0.05), (found, expect)
+
+
+def test_a_one_voxel_lesion_survives_rotation_and_zoom_at_its_brightest_voxel():
+    # A single lesion voxel under a rotation or a zoom out spreads below 0.5 everywhere;
+    # thresholding alone would erase it while the image still shows it.
+    image = torch.zeros(8, 1, N, N, N)
+    image[:, 0, 15, 17, 14] = 1.0
+    mask = image.clone()
+    cfg = only(rotation={"p": 1.0, "degrees": 30.0}, scale={"p": 1.0, "range": (0.7, 1.0)})
+    erased = 0
+    for step in range(3):
+        out_image, out_mask = run(image, mask, cfg, step=step, air=torch.zeros(1))
+        erased += int(((out_image >= 0.5).flatten(1).sum(1) == 0).sum())
+        for i in range(8):
+            peak = out_image[i, 0] == out_image[i, 0].max()
+            if out_image[i, 0].max() >= 0.1:
+                assert out_mask[i, 0].sum() >= 1 and bool(out_mask[i, 0][peak].all()), (step, i)
+            assert bool((out_mask[i, 0] <= (out_image[i, 0] > 0)).all())  # never outside the lesion's spread
+    assert erased > 0  # the draws did push the lesion below 0.5 somewhere

@@ -163,7 +163,7 @@ def plan(
     store: str = typer.Argument(..., help="Zarr store written by `stroke-ray convert`."),
     level: str = typer.Option("2mm", help="Store level to plan for (a spacing level such as 2mm)."),
     memory_gb: Optional[float] = typer.Option(
-        None, min=0.05, help="Memory budget of one training step in GiB (default: the GPU's, or a CPU default)."
+        None, min=0.05, help="Memory budget of one training step in GiB (default: the GPU's; on a CPU the plan is sized by compute)."
     ),
     base_width: Optional[int] = typer.Option(None, min=1, help="Channels of the first level (default 32 on GPU, 16 on CPU)."),
     config: Path = typer.Option("recipe", "-c", "--config", help="Base training config to complete (default: the shipped recipe)."),
@@ -184,7 +184,7 @@ def plan(
         f"lesion volume median {fp.lesion_ml_median} ml (5th percentile {fp.lesion_ml_p5} ml)"
     )
     typer.echo(
-        f"plan ({planned.device}, budget {planned.memory_budget_gb} GiB): patch {planned.patch_size}, "
+        f"plan ({planned.device}, {planned.basis}): patch {planned.patch_size}, "
         f"batch {planned.batch_size}, widths {planned.widths}, estimated {planned.estimated_gb} GiB a step"
     )
     if output is not None:

@@ -13,6 +13,11 @@ otherwise) decide
 * the batch size: as many patches as the budget holds (at least 2), capped so that one batch
   covers at most 5 % of the dataset's voxels, as nnU-Net does.
 
+On a CPU without an explicit memory budget, time binds rather than memory, and the plan is
+one for compute instead (`plan_for_compute`): a cube of `CPU_PATCH_MM` a side and as many of
+them per step as make `CPU_STEP_VOXELS`. Many small patches a step show the network more
+lesions per CPU second than one large patch does (docs/accuracy.md).
+
 Memory is estimated from the network's activations (`estimate_training_bytes`, a voxel
 count per level calibrated against measured peaks, see docs/training.md) plus the weights
 and the optimizer's state. `stroke-ray plan STORE` prints the plan and writes it into a
@@ -37,16 +42,23 @@ __all__ = [
     "default_memory_budget",
     "estimate_training_bytes",
     "CPU_MEMORY_BUDGET",
+    "CPU_PATCH_MM",
+    "CPU_STEP_VOXELS",
+    "plan_for_compute",
 ]
 
 GIB = 1024**3
-# Without a GPU the budget is a CPU default: memory rarely binds on a CPU, time does, so the
-# default stands in for compute. Measured on 2 cores (process CPU seconds per training step
-# of batch 2 with deep supervision and strong augmentation): 48^3 with widths 16-128, 1.0 s;
-# 64^3, 3.1 s; 64x80x64 with widths 16-256 (what 2 GiB would plan on ISLES'22 at 2 mm),
-# 3.9 s. Half a GiB plans about 48x64x56 with widths 16-128: three times the steps of a
-# 2 GiB plan in the same time.
+# A memory plan on a CPU (`--memory-gb` not given) uses this budget for its estimate only:
+# the CPU plan is a compute plan (CPU_PATCH_MM, CPU_STEP_VOXELS).
 CPU_MEMORY_BUDGET = GIB // 2
+# The CPU plan: cubes of 64 mm (32 voxels at 2 mm: a small lesion with its surroundings, a
+# territorial infarct in two or three patches) and 6 x 32^3 voxels a step (0.6 CPU s on 2
+# cores with widths 16-128, deep supervision and strong augmentation). Measured on the
+# accuracy benchmark at the same CPU budget, against the memory plan of 48 x 64 x 56 in
+# batches of 2 (1.1 CPU s a step): lesions < 1 ml found 6 of 20 against 0 of 20, mean Dice
+# 0.44 against 0.35 (docs/accuracy.md).
+CPU_PATCH_MM = 64.0
+CPU_STEP_VOXELS = 6 * 32**3
 MAX_POOLINGS = 5
 MIN_BOTTLENECK = 4
 MAX_INITIAL_VOXELS = 256**3
@@ -82,10 +94,17 @@ class Plan:
     patch_size: tuple[int, int, int]
     batch_size: int
     widths: list[int]
-    memory_budget_gb: float
+    memory_budget_gb: float | None  # None: a compute plan (a CPU without a memory budget)
     estimated_gb: float
     device: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def basis(self) -> str:
+        """What the plan was sized by, for a reader."""
+        if self.memory_budget_gb is None:
+            return f"compute: {self.notes[0]}" if self.notes else "compute"
+        return f"budget {self.memory_budget_gb} GiB"
 
     def config_updates(self) -> dict:
         """The nested TrainConfig fields this plan sets."""
@@ -209,10 +228,15 @@ def plan_training(
         max_width: channel cap of the deeper levels.
         min_batch, max_batch: batch size bounds.
 
+    Without a GPU and without `memory_budget`, the plan is `plan_for_compute`'s.
+
     Raises:
         StrokeRayError: when not even the smallest patch fits the budget.
     """
     budget, device = default_memory_budget() if memory_budget is None else (int(memory_budget), "given")
+    if device == "cpu":
+        return plan_for_compute(fp, base_width=base_width or 16, max_width=max_width, min_batch=min_batch,
+                                max_batch=max_batch)
     base = base_width or (32 if device == "cuda" else 16)
     mixed = device == "cuda"
     median = np.asarray(fp.median_shape, dtype=np.float64)
@@ -253,4 +277,42 @@ def plan_training(
         estimated_gb=round(estimated / GIB, 2),
         device=device,
         notes=notes[-3:],
+    )
+
+
+def plan_for_compute(
+    fp: Fingerprint,
+    patch_mm: float = CPU_PATCH_MM,
+    step_voxels: int = CPU_STEP_VOXELS,
+    base_width: int = 16,
+    max_width: int = 320,
+    min_batch: int = 2,
+    max_batch: int = 32,
+) -> Plan:
+    """The CPU plan: cubes of `patch_mm` (at the level's spacing, no larger than the median
+    shape, rounded down to the network's pooling multiple) and as many a step as make
+    `step_voxels` voxels, within [min_batch, max_batch].
+
+    Raises:
+        StrokeRayError: a patch of fewer than 2 * MIN_BOTTLENECK voxels along an axis.
+    """
+    edges = [min(float(m), patch_mm / float(sp)) for m, sp in zip(fp.median_shape, fp.spacing)]
+    if min(edges) < 2 * MIN_BOTTLENECK:
+        raise StrokeRayError(f"{fp.store}: a {patch_mm:g} mm patch is {min(edges):.0f} voxels at level "
+                             f"{fp.level}: too few for a U-Net (at least {2 * MIN_BOTTLENECK})")
+    depth = _depth_for(tuple(int(e) for e in edges))  # type: ignore[arg-type]
+    multiple = 2 ** (depth - 1)
+    patch = tuple(_round_down(e, multiple) for e in edges)
+    widths = widths_for(depth, base_width, max_width)
+    batch = max(min_batch, min(max_batch, int(step_voxels // int(np.prod(patch)))))
+    estimated = estimate_training_bytes(patch, batch, widths, fp.channels)  # type: ignore[arg-type]
+    return Plan(
+        level=fp.level,
+        patch_size=patch,  # type: ignore[arg-type]
+        batch_size=int(batch),
+        widths=widths,
+        memory_budget_gb=None,
+        estimated_gb=round(estimated / GIB, 2),
+        device="cpu",
+        notes=[f"{patch_mm:g} mm cubes, {step_voxels} voxels a step"],
     )

@@ -118,6 +118,22 @@ def test_plan_picks_a_smaller_patch_for_a_smaller_budget():
         plan_training(fp, memory_budget=1024**2, base_width=32)
 
 
+def test_cpu_plan_is_sized_by_compute_in_millimetres():
+    from stroke_ray.plan import CPU_STEP_VOXELS, plan_for_compute
+
+    at_2mm = plan_for_compute(_fingerprint())
+    assert at_2mm.patch_size == (32, 32, 32) and at_2mm.batch_size == CPU_STEP_VOXELS // 32**3
+    assert at_2mm.memory_budget_gb is None and at_2mm.basis.startswith("compute")
+    assert at_2mm.widths == [16, 32, 64, 128]  # three poolings keep a 4-voxel bottleneck
+    coarse = plan_for_compute(Fingerprint("s.zarr", "4mm", 40, 3, ["dwi", "adc", "flair"], (45, 55, 45),
+                                          (4.0, 4.0, 4.0), 45 * 55 * 45 * 40, 12.0, 0.2))
+    assert coarse.patch_size == (16, 16, 16) and coarse.batch_size == min(32, CPU_STEP_VOXELS // 16**3)
+    small_head = plan_for_compute(_fingerprint(shape=(20, 40, 40)))  # a median shape below 64 mm
+    assert small_head.patch_size[0] <= 20 and small_head.batch_size > at_2mm.batch_size
+    with pytest.raises(StrokeRayError, match="too few"):
+        plan_for_compute(_fingerprint(shape=(6, 40, 40)))
+
+
 def test_memory_estimate_grows_with_patch_batch_and_width():
     base = estimate_training_bytes((64, 64, 64), 2, [16, 32, 64, 128], 3)
     assert estimate_training_bytes((96, 64, 64), 2, [16, 32, 64, 128], 3) > base

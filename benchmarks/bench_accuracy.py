@@ -15,13 +15,15 @@ Variants, each adding one step to the one before:
 
     seed               64^3 whole-field-of-view cube, threshold sampling, no augmentation,
                        DiceBCE, no deep supervision (the seed study's recipe)
-    spacing            the 2 mm physical-spacing level with the planner's patch, foreground
-                       oversampling, Dice+CE
+    spacing            the 2 mm physical-spacing level with the planner's patch and batch,
+                       foreground oversampling, Dice+CE
     augment            + strong augmentation
     deep_supervision   + deep supervision
-    lesion_sampling    + the lesion sampler (every lesion alike in the foreground patches)
-    instance_norm      + InstanceNorm instead of BatchNorm: the training recipe
-                       (configs/recipe.yaml, checked)
+    lesion_sampling    + the lesion sampler (every lesion alike in the foreground patches),
+                       half the patches centred on a lesion
+    instance_norm      + InstanceNorm instead of BatchNorm
+    small_lesion_weight + cross-entropy weighted up to 20x on small lesions: the training
+                       recipe (configs/recipe.yaml, checked)
     postprocess        + the threshold and minimum lesion size chosen on validation, same model
     tta                + mirroring test-time augmentation (8 flips), same model
     ensemble           5-fold cross-validation, each fold a fifth of the budget, the fold
@@ -51,13 +53,13 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "isles22-sample"
 MODALITIES = ["dwi", "adc", "flair"]
 ALL_VARIANTS = ("seed", "spacing", "augment", "deep_supervision", "lesion_sampling", "instance_norm",
-                "postprocess", "tta", "ensemble")
+                "small_lesion_weight", "postprocess", "tta", "ensemble")
 # Inference-only variants reuse the model of the variant they extend.
-REUSES = {"postprocess": "instance_norm", "tta": "instance_norm"}
+REUSES = {"postprocess": "small_lesion_weight", "tta": "small_lesion_weight"}
 # The training fields every step of the recipe sets; the last training step must match the
 # shipped recipe (stroke_ray/resources/configs/recipe.yaml) on all of them.
 RECIPE_FIELDS = ("data.level", "data.sampler", "data.foreground_fraction", "loss", "augment.preset",
-                 "model.deep_supervision", "model.norm", "model.architecture")
+                 "model.deep_supervision", "model.norm", "model.architecture", "small_lesion_weight")
 
 
 @dataclass
@@ -69,18 +71,19 @@ class Variant:
     folds: int = 0
 
 
-def variants(plan_patch: list[int]) -> dict[str, Variant]:
+def variants(plan_patch: list[int], plan_batch: int) -> dict[str, Variant]:
     seed = {"data": {"level": "64", "patch_size": 64, "sampler": "threshold", "threshold": 0.2},
-            "augment": {"preset": "none"}, "loss": "dice_bce",
+            "batch_size": 2, "augment": {"preset": "none"}, "loss": "dice_bce",
             "model": {"deep_supervision": False, "norm": "batch"}}
     spacing = {"data": {"level": "2mm", "patch_size": plan_patch, "sampler": "foreground",
-                        "foreground_fraction": 0.33},
+                        "foreground_fraction": 0.33}, "batch_size": plan_batch,
                "augment": {"preset": "none"}, "loss": "dice_ce",
                "model": {"deep_supervision": False, "norm": "batch"}}
     augment = _merge(spacing, {"augment": {"preset": "strong"}})
     supervised = _merge(augment, {"model": {"deep_supervision": True}})
-    lesion = _merge(supervised, {"data": {"sampler": "lesion"}})
-    recipe = _merge(lesion, {"model": {"norm": "instance"}})
+    lesion = _merge(supervised, {"data": {"sampler": "lesion", "foreground_fraction": 0.5}})
+    instance = _merge(lesion, {"model": {"norm": "instance"}})
+    recipe = _merge(instance, {"small_lesion_weight": 20.0})
     check_recipe(recipe)
     return {
         "seed": Variant("seed", seed),
@@ -88,7 +91,8 @@ def variants(plan_patch: list[int]) -> dict[str, Variant]:
         "augment": Variant("augment", augment),
         "deep_supervision": Variant("deep_supervision", supervised),
         "lesion_sampling": Variant("lesion_sampling", lesion),
-        "instance_norm": Variant("instance_norm", recipe),
+        "instance_norm": Variant("instance_norm", instance),
+        "small_lesion_weight": Variant("small_lesion_weight", recipe),
         "postprocess": Variant("postprocess", recipe, postprocess=True),
         "tta": Variant("tta", recipe, tta_axes=(0, 1, 2), postprocess=True),
         "ensemble": Variant("ensemble", recipe, tta_axes=(0, 1, 2), postprocess=True, folds=5),
@@ -404,7 +408,7 @@ def main() -> None:
     patch, widths = list(planned.patch_size), list(planned.widths)
     say(f"plan at 2mm: median shape {fp.median_shape}, patch {patch}, batch {planned.batch_size}, widths {widths}")
     truths = truth_masks(test_dir)
-    table = variants(patch)
+    table = variants(patch, planned.batch_size)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     connect(None, num_cpus=args.threads)
     base = base_config(work, store, args, widths)
@@ -433,7 +437,7 @@ def main() -> None:
         say("nnU-Net v2: export, plan, preprocess, train, predict")
         results["variants"]["nnU-Net v2"] = run_peer(store, test_dir, truths, work, args)
         results_file.write_text(json.dumps(results, indent=2, default=str))
-    final = next((n for n in ("tta", "postprocess", "instance_norm") if n in wanted), None)
+    final = next((n for n in ("tta", "postprocess", "small_lesion_weight") if n in wanted), None)
     if final is not None and SAMPLE.exists():
         source = REUSES.get(final, final)
         results["real_case"] = score_real_case(trained[source][0], work, table[final])

@@ -118,6 +118,9 @@ class DataConfig(_Strict):
     sampler: SamplerName = "threshold"
     threshold: float = Field(0.2, ge=0.0, le=1.0)
     foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+    # Share of patches centred on a lesion look-alike (a bright non-lesion spot recorded at
+    # convert time, lookalikes.py): hard negatives. Foreground and lesion samplers only.
+    lookalike_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     samples_per_volume: int = Field(8, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
@@ -162,6 +165,16 @@ class DataConfig(_Strict):
     def patch(self) -> tuple[int, int, int]:
         """The patch size as three edges."""
         return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else tuple(self.patch_size)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _lookalikes(self) -> "DataConfig":
+        if self.lookalike_fraction > 0:
+            if self.sampler not in ("foreground", "lesion"):
+                raise ValueError(f"lookalike_fraction needs the foreground or lesion sampler, not {self.sampler!r}")
+            if self.foreground_fraction + self.lookalike_fraction > 1.0:
+                raise ValueError(f"foreground_fraction + lookalike_fraction = "
+                                 f"{self.foreground_fraction + self.lookalike_fraction:g} exceeds 1")
+        return self
 
     @model_validator(mode="after")
     def _fold(self) -> "DataConfig":

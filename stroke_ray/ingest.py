@@ -32,6 +32,7 @@ from stroke_ray.grid import (
 )
 from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.locations import absolute
+from stroke_ray.lookalikes import find_lookalikes
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
 from stroke_ray.store import NATIVE, LevelArrays, StoreError, StrokeStore, check_output
 from stroke_ray.store_lock import writer_lock
@@ -199,12 +200,13 @@ def make_levels(case: PreparedCase, levels: list[str | int]) -> dict[str, LevelA
     """
     shape = case.image.shape[1:]
     mask = case.mask if case.mask is not None else np.zeros(shape, np.uint8)
-    out = {NATIVE: LevelArrays(case.image, mask, case.affine)}
+    out = {NATIVE: LevelArrays(case.image, mask, case.affine, lookalikes=find_lookalikes(case.image, mask))}
     for level in levels:
         name = str(level)
         dst_shape, dst = level_grid(name, shape, case.affine, image=case.image)
         image = np.stack([resample(c, case.affine, dst_shape, dst, order=1, antialias=True) for c in case.image])
-        out[name] = LevelArrays(image, resample_mask(mask, case.affine, dst_shape, dst), dst)
+        level_mask = resample_mask(mask, case.affine, dst_shape, dst)
+        out[name] = LevelArrays(image, level_mask, dst, lookalikes=find_lookalikes(image, level_mask))
     return out
 
 

@@ -83,6 +83,22 @@ class PositionSet:
     # lesion sampler: lesion_voxels grouped by lesion, lesion k owning rows
     # starts[k]:starts[k+1]; None = every lesion voxel equally likely (foreground sampler)
     lesion_starts: np.ndarray | None = None
+    # (K, 3) voxels of lesion look-alikes (hard negatives, `with_lookalikes`) and the share
+    # of all patches centred on one of them
+    lookalikes: np.ndarray | None = None
+    lookalike_fraction: float = 0.0
+
+    def with_lookalikes(self, voxels: np.ndarray | None, fraction: float) -> "PositionSet":
+        """This set with `fraction` of its patches centred on one of `voxels` (drawn
+        uniformly), taken from the uniform share; no look-alikes (None or empty) leaves the
+        set as it is."""
+        if voxels is None or len(voxels) == 0 or fraction <= 0.0:
+            return self
+        if self.lesion_voxels is not None and self.fraction + fraction > 1.0:
+            raise ValueError(f"lesion share {self.fraction} + look-alike share {fraction} exceeds 1")
+        self.lookalikes = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
+        self.lookalike_fraction = float(fraction)
+        return self
 
     @property
     def size(self) -> int:
@@ -96,23 +112,31 @@ class PositionSet:
 
     def sample(self, rng: np.random.Generator) -> Triple:
         """One patch corner (x, y, z) in voxel coordinates of the volume."""
+        lesion_share = self.fraction if self.lesion_voxels is not None else 0.0
         if self.lesion_voxels is not None and rng.random() < self.fraction:
             if self.lesion_starts is None:
                 voxel = self.lesion_voxels[rng.integers(len(self.lesion_voxels))]
             else:  # a lesion first, every lesion alike, then one of its voxels
                 k = int(rng.integers(len(self.lesion_starts) - 1))
                 voxel = self.lesion_voxels[rng.integers(self.lesion_starts[k], self.lesion_starts[k + 1])]
-            # The lesion voxel lands anywhere inside the patch, then the corner is clipped
-            # into the valid range, which keeps the voxel inside (see docs/sampling.md).
-            offset = rng.integers(0, self.patch)
-            lo = np.asarray(self.origin)
-            hi = lo + np.asarray(self.grid) - 1
-            return tuple(int(c) for c in np.clip(voxel - offset, lo, hi))  # type: ignore[return-value]
+            return self._around(voxel, rng)
+        # Of the patches not on a lesion, the share that makes `lookalike_fraction` of all.
+        if self.lookalikes is not None and rng.random() < self.lookalike_fraction / (1.0 - lesion_share):
+            return self._around(self.lookalikes[rng.integers(len(self.lookalikes))], rng)
         if self.corners is None:
             pos = rng.integers(0, self.grid)
             return tuple(int(o + p) for o, p in zip(self.origin, pos))  # type: ignore[return-value]
         flat = int(self.corners[rng.integers(self.corners.size)])
         return tuple(int(o + p) for o, p in zip(self.origin, np.unravel_index(flat, self.grid)))  # type: ignore[return-value]
+
+
+    def _around(self, voxel: np.ndarray, rng: np.random.Generator) -> Triple:
+        """A corner whose patch holds `voxel` anywhere inside: a random offset, then the
+        corner clipped into the valid range, which keeps the voxel inside (docs/sampling.md)."""
+        offset = rng.integers(0, self.patch)
+        lo = np.asarray(self.origin)
+        hi = lo + np.asarray(self.grid) - 1
+        return tuple(int(c) for c in np.clip(voxel - offset, lo, hi))  # type: ignore[return-value]
 
 
 def _frame(table: np.ndarray, patch: Triple) -> tuple[Triple, Triple, Triple]:

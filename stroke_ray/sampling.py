@@ -108,6 +108,7 @@ class PatchDataset(IterableDataset):
         sampler: str = "threshold",
         threshold: float = 0.2,
         foreground_fraction: float = 0.33,
+        lookalike_fraction: float = 0.0,
         samples_per_volume: int = 8,
         seed: int = 0,
         rank: int = 0,
@@ -127,6 +128,7 @@ class PatchDataset(IterableDataset):
         self.patch = as_triple(patch_size)
         self.sampler_name = sampler
         self.sampler = build_sampler(sampler, threshold, foreground_fraction)
+        self.lookalike_fraction = float(lookalike_fraction)
         self.samples_per_volume = int(samples_per_volume)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -141,11 +143,13 @@ class PatchDataset(IterableDataset):
         self._positions: dict[str, PositionSet] = {}
         self._draws: Counter = Counter()
         self._warned: set[str] = set()
+        self._warned_lookalikes = False
 
     def __getstate__(self):
         # Workers re-open the store and start with empty caches.
         state = dict(self.__dict__)
-        state.update(_store=None, _volumes=None, _readers={}, _pools={}, _positions={}, _draws=Counter(), _warned=set())
+        state.update(_store=None, _volumes=None, _readers={}, _pools={}, _positions={}, _draws=Counter(), _warned=set(),
+                     _warned_lookalikes=False)
         return state
 
     @property
@@ -166,6 +170,8 @@ class PatchDataset(IterableDataset):
             except KeyError:
                 table = integral_volume(np.asarray(self.store.mask(subject, self.level)[...]))
             pos = self.sampler.positions(table, self.patch)
+            if self.lookalike_fraction > 0:
+                pos = pos.with_lookalikes(self._lookalikes(subject), self.lookalike_fraction)
             self._positions[subject] = pos
             if pos.reason in (EMPTY_MASK, INFEASIBLE) and subject not in self._warned:
                 self._warned.add(subject)
@@ -174,6 +180,14 @@ class PatchDataset(IterableDataset):
                     subject, self.level, self.sampler_name, pos.reason, pos.size,
                 )
         return pos
+
+    def _lookalikes(self, subject: str) -> np.ndarray | None:
+        found = self.store.lookalikes(subject, self.level)
+        if found is None and not self._warned_lookalikes:
+            self._warned_lookalikes = True
+            log.warning("%s: no lesion look-alikes recorded at level %s (a store written before they were); "
+                        "patches are not centred on them until it is reconverted", self.store_url, self.level)
+        return found
 
     def air(self, subject: str) -> np.ndarray:
         """(C,) float32: each channel's value for raw 0 (air) as the network sees it.
@@ -294,6 +308,7 @@ def make_loader(
         sampler=cfg.sampler,
         threshold=cfg.threshold,
         foreground_fraction=cfg.foreground_fraction,
+        lookalike_fraction=cfg.lookalike_fraction,
         samples_per_volume=cfg.samples_per_volume,
         seed=seed,
         rank=rank,

@@ -104,6 +104,7 @@ class LevelArrays:
     mask: np.ndarray  # (X, Y, Z) uint8
     affine: np.ndarray  # 4x4 voxel -> world
     mask_integral: np.ndarray | None = None
+    lookalikes: np.ndarray | None = None  # (N, 3) voxels of lesion look-alikes (lookalikes.py)
 
 
 def _chunks(shape: tuple[int, ...], edge: int) -> tuple[int, ...]:
@@ -298,6 +299,12 @@ class StrokeStore:
     def affine(self, subject: str, level: str | int = NATIVE) -> np.ndarray:
         return np.asarray(self.meta(subject)["levels"][str(level)]["affine"], dtype=np.float64)
 
+    def lookalikes(self, subject: str, level: str | int) -> np.ndarray | None:
+        """(N, 3) voxels of the subject's lesion look-alikes at `level`; None for a subject
+        written before look-alikes were recorded (reconvert it to get them)."""
+        found = self.meta(subject)["levels"][str(level)].get("lookalikes")
+        return None if found is None else np.asarray(found, dtype=np.int64).reshape(-1, 3)
+
     def norm_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (mean, std) for the normalisation the store was made with."""
         norm = self.meta(subject)["norm"]
@@ -356,6 +363,8 @@ class StrokeStore:
                 "spacing": spacing_of(arrays.affine).tolist(),
                 "lesion_voxels": int(mask.sum()),
             }
+            if arrays.lookalikes is not None:
+                level_attrs[str(name)]["lookalikes"] = np.asarray(arrays.lookalikes, np.int64).tolist()
         group.attrs.update(_jsonable({**attrs, "levels": level_attrs, "complete": True}))
         self._switch(holder, version)
         self._data.pop(subject, None)

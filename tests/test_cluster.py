@@ -114,6 +114,17 @@ def test_cluster_yaml_network_and_pins(cluster_config):
     packages = [w.strip("'\"") for w in head_pip.split() if "==" in w]
     assert packages and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][0-9A-Za-z.]*", p) for p in packages)
     assert "-c /home/ray/stroke-ray/constraints.txt" in head_pip
+    # ... and never against the constraints, or pip refuses the head's set-up (ResolutionImpossible).
+    constrained = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        requirement = line.split(";")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            constrained[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for pin in packages:
+        name, version = pin.split("==")
+        name = re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()
+        assert constrained.get(name, version) == version, f"{pin} against constraints.txt's {constrained[name]}"
 
 
 def test_invalid_cluster_yaml_is_rejected(cluster_config):

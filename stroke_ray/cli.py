@@ -36,7 +36,7 @@ from stroke_ray.cli_common import (
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.model_ref import run_model_uri
 
-__all__ = ["app"]
+__all__ = ["app", "train_config"]
 
 app = typer.Typer(
     add_completion=False,
@@ -200,6 +200,26 @@ def plan(
         typer.echo(f"wrote {output}")
 
 
+def train_config(config: Path, *, name: str | None = None, store: str | None = None, epochs: int | None = None,
+                 augment: str | None = None, tracking_uri: str | None = None, storage: str | None = None):
+    """`stroke-ray train`'s config: the YAML with the command line's overrides, validated once.
+
+    Raises:
+        ConfigError: the YAML or an override is invalid.
+    """
+    from stroke_ray.config import TrainConfig
+
+    raw = TrainConfig.from_yaml(config).model_dump(mode="json")
+    for key, value in (("name", name), ("epochs", epochs), ("tracking_uri", tracking_uri), ("storage_path", storage)):
+        if value is not None:
+            raw[key] = value
+    if store is not None:
+        raw["data"]["store"] = store
+    if augment is not None:
+        raw["augment"]["preset"] = augment
+    return TrainConfig.from_dict(raw, source=str(config))
+
+
 @app.command()
 @user_errors
 def train(
@@ -215,25 +235,20 @@ def train(
     folds: Optional[int] = typer.Option(
         None, min=2, help="k-fold cross-validation: one run per fold, out-of-fold metrics, the fold ensemble."
     ),
+    storage: Optional[str] = typer.Option(
+        None, help="Where the run's checkpoints go: a folder or a URL such as s3://bucket/runs (overrides storage_path)."),
 ) -> None:
     """Train one model on Ray Train, tracked in MLflow; re-run the same name to resume."""
-    from stroke_ray.config import TrainConfig
     from stroke_ray.train import run_training
 
-    raw = TrainConfig.from_yaml(config).model_dump(mode="json")
-    for key, value in (("name", name), ("epochs", epochs), ("tracking_uri", tracking_uri)):
-        if value is not None:
-            raw[key] = value
-    if store is not None:
-        raw["data"]["store"] = store
-    if augment is not None:
-        raw["augment"]["preset"] = augment
+    cfg = train_config(config, name=name, store=store, epochs=epochs, augment=augment,
+                       tracking_uri=tracking_uri, storage=storage)
     if folds is not None:
         from stroke_ray.crossval import cross_validate
 
-        typer.echo(cross_validate(TrainConfig.from_dict(raw, source=str(config)), folds, address=address).summary())
+        typer.echo(cross_validate(cfg, folds, address=address).summary())
         return
-    result = run_training(TrainConfig.from_dict(raw, source=str(config)), address=address)
+    result = run_training(cfg, address=address)
     metrics = result.metrics or {}
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)
     typer.echo(f"trained {raw['name']}: {shown}")

@@ -3,7 +3,7 @@
 A command wrapped in `user_errors` reports a `StrokeRayError` as one line on stderr and
 exits 2; the image-limit options (`--max-dim`, `--max-image-gib`, `--voxel-range-mm`) and
 `--resample-masks` read the same on every command that reads images (convert in cli.py,
-predict in cli_model.py).
+predict and serve in cli_model.py; serve with smaller defaults).
 """
 
 from __future__ import annotations
@@ -21,21 +21,31 @@ __all__ = [
     "MAX_IMAGE_GIB_OPTION",
     "RESAMPLE_MASKS_OPTION",
     "VOXEL_RANGE_OPTION",
+    "limit_options",
     "limits",
     "user_errors",
 ]
 
-# What an image header may declare, shared by every command that reads images
-# (`nifti.ImageLimits` validates them; `limits` builds it).
-_DEFAULT_LIMITS = ImageLimits()
-MAX_DIM_OPTION = typer.Option(_DEFAULT_LIMITS.max_dim, "--max-dim", help="Largest image size per axis, in voxels.")
-MAX_IMAGE_GIB_OPTION = typer.Option(
-    _DEFAULT_LIMITS.max_decoded_bytes / GIB, "--max-image-gib", help="Largest decoded image file, in GiB."
-)
-VOXEL_RANGE_OPTION = typer.Option(
-    f"{_DEFAULT_LIMITS.min_voxel_mm:g},{_DEFAULT_LIMITS.max_voxel_mm:g}", "--voxel-range-mm",
-    help="Allowed voxel sizes MIN,MAX in mm.",
-)
+
+def limit_options(defaults: ImageLimits, image_gib_help: str = "Largest decoded image file, in GiB.") -> tuple:
+    """The `--max-dim`, `--max-image-gib`, `--voxel-range-mm` options with `defaults`' values.
+
+    Args:
+        defaults: the limits a command applies when none of the options is given.
+        image_gib_help: the help of `--max-image-gib` (serve says why its default is smaller).
+    """
+    return (
+        typer.Option(defaults.max_dim, "--max-dim", help="Largest image size per axis, in voxels."),
+        typer.Option(defaults.max_decoded_bytes / GIB, "--max-image-gib", help=image_gib_help),
+        typer.Option(f"{defaults.min_voxel_mm:g},{defaults.max_voxel_mm:g}", "--voxel-range-mm",
+                     help="Allowed voxel sizes MIN,MAX in mm."),
+    )
+
+
+# What an image header may declare, the same options on every command that reads images
+# (`nifti.ImageLimits` validates them; `limits` builds it). convert and predict share these
+# defaults; serve builds its own from `uploads.UPLOAD_IMAGE_LIMITS`.
+MAX_DIM_OPTION, MAX_IMAGE_GIB_OPTION, VOXEL_RANGE_OPTION = limit_options(ImageLimits())
 
 RESAMPLE_MASKS_OPTION = typer.Option(
     False, "--resample-masks", help="Resample a mask on another grid than its reference modality (else an error).",

@@ -16,11 +16,13 @@ from stroke_ray.cli_common import (
     MAX_IMAGE_GIB_OPTION,
     RESAMPLE_MASKS_OPTION,
     VOXEL_RANGE_OPTION,
+    limit_options,
     limits,
     user_errors,
 )
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.model_ref import CHAMPION_URI
+from stroke_ray.uploads import MAX_DECODE_RATIO, UPLOAD_IMAGE_LIMITS
 
 __all__ = ["COMMANDS", "export", "predict", "serve"]
 
@@ -31,6 +33,15 @@ def _axes(text: str) -> tuple[int, ...]:
         return tuple(int(a) for a in text.split(",") if a.strip())
     except ValueError:
         raise StrokeRayError(f"--tta-axes: {text!r} is not a comma-separated list of 0, 1, 2") from None
+
+
+# serve's image limits default to the upload limits (uploads.py says why they are smaller
+# than convert's and predict's).
+SERVE_MAX_DIM_OPTION, SERVE_MAX_IMAGE_GIB_OPTION, SERVE_VOXEL_RANGE_OPTION = limit_options(
+    UPLOAD_IMAGE_LIMITS,
+    "Largest decoded uploaded image, in GiB (smaller than convert's and predict's 2 GiB: uploads come "
+    "from clients, and a replica holds every image of its concurrent requests in memory at once).",
+)
 
 
 @user_errors
@@ -113,6 +124,14 @@ def serve(
     tta_axes: str = typer.Option("0,1,2", help="Axes to mirror with --tta (0,1,2 = x,y,z)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ and runs:/."),
+    max_dim: int = SERVE_MAX_DIM_OPTION,
+    max_image_gib: float = SERVE_MAX_IMAGE_GIB_OPTION,
+    voxel_range_mm: str = SERVE_VOXEL_RANGE_OPTION,
+    max_decode_ratio: float = typer.Option(
+        MAX_DECODE_RATIO, min=1.0,
+        help="Most decoded bytes per uploaded byte; a small upload declaring a huge image is refused "
+        "(413) as a decompression bomb (real MRI: 4-14x, a plain .nii 1x).",
+    ),
 ) -> None:
     """Serve lesion segmentation over HTTP on Ray Serve (until Ctrl-C)."""
     import time
@@ -129,6 +148,7 @@ def serve(
         max_upload_bytes=max_upload_mb * 1024**2, body_timeout_s=body_timeout,
         max_concurrent=max_concurrent, max_queued=max_queued, reload_interval_s=reload_interval, docs=docs,
         tta_axes=_axes(tta_axes) if tta else (),
+        image_limits=limits(max_dim, max_image_gib, voxel_range_mm), max_decode_ratio=max_decode_ratio,
     )
     auth = "bearer token required" if token else "no token: loopback only"
     typer.echo(f"serving {model} at {url} (POST /predict, GET /healthz, GET /readyz; {auth}); Ctrl-C to stop")

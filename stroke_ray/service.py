@@ -29,8 +29,10 @@ from stroke_ray.http_guard import (
     remove_rule,
 )
 from stroke_ray.model_ref import CHAMPION_URI, resolve_checkpoint
+from stroke_ray.nifti import ImageLimits
 from stroke_ray.raycluster import connect
 from stroke_ray.serving import DEFAULT_APP_NAME, PUBLIC_PATHS, ReplicaSettings, build_app
+from stroke_ray.uploads import MAX_DECODE_RATIO, UPLOAD_IMAGE_LIMITS
 
 __all__ = ["start_server", "stop_server"]
 
@@ -90,6 +92,8 @@ def start_server(
     device: str | None = None,
     threshold: float | None = None,
     tta_axes: Sequence[int] | None = None,
+    image_limits: ImageLimits = UPLOAD_IMAGE_LIMITS,
+    max_decode_ratio: float = MAX_DECODE_RATIO,
     **app_options: Any,
 ) -> str:
     """Deploy the service on Ray (local, or the cluster at `address`) and return its URL.
@@ -107,9 +111,12 @@ def start_server(
         docs: serve the OpenAPI page at /docs.
         threshold: probability threshold of the mask (None: the model's stored one).
         tta_axes: test-time mirroring axes (() = none; None = all three, as `predict`).
+        image_limits: what each uploaded image's header may declare (400/413 beyond it);
+            the default, `uploads.UPLOAD_IMAGE_LIMITS`, is smaller than convert's.
+        max_decode_ratio: most decoded bytes per uploaded byte (413 beyond it: a bomb).
 
     Raises:
-        ConfigError: bad `tta_axes`.
+        ConfigError: bad `tta_axes`, a `max_decode_ratio` below 1.
         StrokeRayError: a non-loopback host without a token; a model reference that does
             not resolve; a non-loopback host whose Serve proxy does not run the guard.
     """
@@ -117,6 +124,8 @@ def start_server(
         axes = None if tta_axes is None else mirror_axes(tta_axes)
     except ValueError as exc:
         raise ConfigError(f"--tta-axes: {exc}") from None
+    if not max_decode_ratio >= 1:  # a plain .nii decodes to its own size
+        raise ConfigError(f"--max-decode-ratio must be at least 1, got {max_decode_ratio}")
     if not is_loopback(host) and token is None:
         raise StrokeRayError(
             f"--host {host}: listening beyond this machine needs a token "
@@ -146,7 +155,8 @@ def start_server(
     settings = ReplicaSettings(max_upload_bytes=int(max_upload_bytes), body_timeout_s=body_timeout_s,
                                token_sha256=digest, max_concurrent=max_concurrent, max_queued=max_queued,
                                reload_interval_s=reload_interval_s, docs=docs, device=device, threshold=threshold,
-                               tta_axes=axes)
+                               tta_axes=axes, image_limits=image_limits,
+                               max_decode_ratio=float(max_decode_ratio))
     try:
         serve.run(build_app(model_ref, settings=settings, **app_options), name=name, route_prefix=prefix,
                   blocking=False)

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,12 @@ from stroke_ray.files import NIFTI_SUFFIXES, strip_nifti_suffix
 from stroke_ray.ingest import load_case
 from stroke_ray.locations import absolute
 from stroke_ray.model_ref import CHAMPION_URI, version_label
+from stroke_ray.nifti import ImageLimits
 from stroke_ray.predict import lesion_stats, like_reference, nifti_bytes
 from stroke_ray.segmenter import Segmenter
 from stroke_ray.tracking import default_tracking_uri
 from stroke_ray.uploads import (
+    MAX_DECODE_RATIO,
     UPLOAD_IMAGE_LIMITS,
     UploadError,
     read_body,
@@ -93,6 +95,8 @@ class ReplicaSettings:
         device: torch device ("cpu", "cuda"); None picks the GPU when there is one.
         threshold: probability threshold of the mask; None = the model's stored one.
         tta_axes: test-time mirroring axes (() = none); None = all three (`segmenter.Segmenter`).
+        image_limits: what an uploaded image's header may declare (`uploads.UPLOAD_IMAGE_LIMITS`).
+        max_decode_ratio: most decoded bytes per uploaded byte (`uploads.MAX_DECODE_RATIO`).
     """
 
     max_upload_bytes: int = 512 * 1024**2
@@ -105,6 +109,16 @@ class ReplicaSettings:
     device: str | None = None
     threshold: float | None = None
     tta_axes: tuple[int, ...] | None = None
+    image_limits: ImageLimits = UPLOAD_IMAGE_LIMITS
+    max_decode_ratio: float = MAX_DECODE_RATIO
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ReplicaSettings":
+        """The settings from `asdict(settings)`, the plain form the deployment carries to replicas."""
+        raw = dict(raw)
+        if isinstance(raw.get("image_limits"), dict):
+            raw["image_limits"] = ImageLimits(**raw["image_limits"])
+        return cls(**raw)
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -136,7 +150,7 @@ class StrokeSegmenter:
 
     def __init__(self, model_ref: str = CHAMPION_URI, tracking_uri: str | None = None,
                  settings: dict[str, Any] | None = None):
-        self.settings = ReplicaSettings(**(settings or {}))
+        self.settings = ReplicaSettings.from_dict(settings or {})
         self.tracking_uri = tracking_uri
         self.segmenter = Segmenter.load(model_ref, tracking_uri=tracking_uri, device=self.settings.device,
                                         threshold=self.settings.threshold, tta_axes=self.settings.tta_axes)
@@ -163,12 +177,12 @@ class StrokeSegmenter:
 
     def _segment(self, segmenter: Segmenter, files: dict[str, tuple[str, bytes]]):
         """Validate, segment; returns (mask image on the reference grid, stats)."""
-        limits = UPLOAD_IMAGE_LIMITS
+        limits = self.settings.image_limits
         # Every upload's header is checked (and its decoding capped) before load_case reads
         # any of them, so a bomb in the last field costs nothing for the first ones.
         reference = None
         for modality, (_, data) in files.items():
-            checked = read_nifti(modality, data, limits)
+            checked = read_nifti(modality, data, limits, self.settings.max_decode_ratio)
             if modality == segmenter.modalities[0]:
                 reference = checked.image
             del checked
@@ -370,5 +384,5 @@ def build_app(
     else:
         options["num_replicas"] = int(num_replicas)
     if settings.device is None and gpus_per_replica <= 0:
-        settings = ReplicaSettings(**{**asdict(settings), "device": "cpu"})
+        settings = replace(settings, device="cpu")
     return StrokeSegmenter.options(**options).bind(ref, tracking_uri, asdict(settings))

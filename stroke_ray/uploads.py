@@ -15,10 +15,15 @@ from stroke_ray.nifti import ImageLimits, read_nifti_bytes
 
 __all__ = ["MAX_DECODE_RATIO", "UPLOAD_IMAGE_LIMITS", "UploadError", "read_body", "read_form_files", "read_nifti"]
 
-# What one uploaded image may declare: up to 1024 voxels per axis and 256 MiB decoded (the
-# ISLES'22 FLAIR, 512 x 512 x 29 float32, is 29 MiB; a 1 mm 256^3 float64 volume 128 MiB).
+# What one uploaded image may declare by default (`stroke-ray serve --max-dim,
+# --max-image-gib, --voxel-range-mm` change it): up to 1024 voxels per axis and 256 MiB
+# decoded (the ISLES'22 FLAIR, 512 x 512 x 29 float32, is 29 MiB; a 1 mm 256^3 float64
+# volume 128 MiB). Smaller than convert's and predict's 2 GiB: these images come from
+# clients the server does not control, and a replica holds every image of a request (and
+# of each concurrent request) in memory at once, beside the model.
 UPLOAD_IMAGE_LIMITS = ImageLimits(max_dim=1024, max_decoded_bytes=256 * 1024**2)
-# Decoded size over upload size; the real ISLES'22 images are 4-14x.
+# Decoded size over upload size (`stroke-ray serve --max-decode-ratio`); the real ISLES'22
+# images are 4-14x, a plain .nii is 1x.
 MAX_DECODE_RATIO = 200.0
 
 
@@ -100,6 +105,12 @@ def read_nifti(field: str, data: bytes, limits: ImageLimits, max_ratio: float = 
     the upload's own size (real MRI compresses 4-14x; a small file that promises a huge
     volume is a decompression bomb): either is refused with 413 before any voxel is
     decoded (`nifti.read_nifti_bytes`). Any other problem is a 400 naming the field.
+
+    Args:
+        field: the form field, named in errors.
+        data: the uploaded bytes.
+        limits: what the header may declare (the service's, `ReplicaSettings.image_limits`).
+        max_ratio: most decoded bytes per uploaded byte.
 
     Returns:
         nifti.NiftiRead of the upload.

@@ -64,6 +64,23 @@ def synth_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def atlas_dataset(tmp_path_factory) -> Path:
+    """One synthetic ATLAS R2.0 case (sub-synth0001, seed 3), written by `stroke-ray synth`.
+
+    A whole 1 mm MNI152 volume takes about a minute on a loaded 2-core machine: the tests
+    that need an ATLAS case share this one.
+    """
+    from typer.testing import CliRunner
+
+    from stroke_ray.cli import app
+
+    out = tmp_path_factory.mktemp("atlas") / "atlas"
+    result = CliRunner().invoke(app, ["synth", "-o", str(out), "-n", "1", "--layout", "atlas", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def synth_store(synth_dataset, tmp_path_factory, ray_local) -> str:
     """The synthetic cases converted to a Zarr store with a 32^3 training level."""
     from stroke_ray.ingest import convert_dataset

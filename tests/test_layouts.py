@@ -1,5 +1,5 @@
-"""Every dataset layout converts: the ISLES-2022 archive as released, nnU-Net v2 raw datasets
-(and export to one), with synthetic cases re-arranged into each layout."""
+"""Every dataset layout converts: the ISLES-2022 archive as released, ATLAS R2.0, nnU-Net v2 raw
+datasets (and export to one), with synthetic cases re-arranged into each layout."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -126,6 +127,38 @@ def test_archive_layout_converts_from_its_own_root_and_the_folder_above(example,
     assert StrokeStore.open(out).subjects() == [good.subject]
     assert_read_the_example_files(out, [good])
     assert StrokeStore.open(out).group.attrs["layout"] == "isles22"
+
+
+# --- ATLAS R2.0 ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_atlas_dataset_converts_end_to_end(atlas_dataset, tmp_path):
+    """A synthetic ATLAS R2.0 case as `stroke-ray synth --layout atlas` writes it, through `stroke-ray convert`."""
+    sub = "sub-synth0001"
+    t1w = next(atlas_dataset.rglob(f"{sub}_*_T1w.nii.gz"))
+    mask = next(atlas_dataset.rglob(f"{sub}_*_desc-T1lesion_mask.nii.gz"))
+    out = str(tmp_path / "atlas.zarr")
+    result = CliRunner().invoke(app, ["convert", str(atlas_dataset), "-o", out, "--levels", "16", "--spacing", "8",
+                                      "--in-process"])
+    assert result.exit_code == 0, result.output
+    assert "converted 1, skipped 0 (already complete), failed 0" in result.output
+
+    store = StrokeStore.open(out)
+    assert store.group.attrs["layout"] == "atlas"
+    assert store.subjects() == [sub] and store.modalities == ["t1w"]
+    assert store.levels == ["native", "16", "8mm"]
+    # The native level is the T1w's own 1 mm MNI grid, mask voxel for voxel.
+    assert store.image(sub).shape == (1, 197, 233, 189)
+    np.testing.assert_allclose(store.affine(sub), nib.load(t1w).affine)
+    native_mask = np.asarray(store.mask(sub)[...])
+    np.testing.assert_array_equal(native_mask, np.asarray(nib.load(mask).dataobj))
+    assert store.meta(sub)["lesion_voxels"] == int(native_mask.sum()) > 0
+    assert store.meta(sub)["sources"]["t1w"]["sha256"] == sha256_of(t1w)
+    # The training levels exist, each with the lesion in it.
+    assert store.image(sub, "16").shape == (1, 16, 16, 16)
+    image_8mm, mask_8mm = store.image(sub, "8mm"), np.asarray(store.mask(sub, "8mm")[...])
+    assert image_8mm.shape == (1, *mask_8mm.shape) and np.allclose(np.diag(store.affine(sub, "8mm"))[:3], 8.0)
+    for level in ("16", "8mm"):
+        assert np.asarray(store.mask(sub, level)[...]).sum() > 0, level
 
 
 # --- nnU-Net v2 raw datasets --------------------------------------------------------------------

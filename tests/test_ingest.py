@@ -197,7 +197,18 @@ def break_subject(paths: dict[str, Path], how: str) -> Path:
     if how == "empty-file":
         paths["dwi"].write_bytes(b"")
         return paths["dwi"]
+    if how == "no-overlap":
+        return save(paths["flair"], blob_image(2), far_away())
+    if how == "mask-outside-fov":  # an error only with --resample-masks; without, the grids differ
+        return save(paths["mask"], blob_mask(), far_away())
     raise ValueError(how)
+
+
+def far_away() -> np.ndarray:
+    """The test grid moved 1 m along x: its field of view misses the reference's entirely."""
+    moved = AFFINE.copy()
+    moved[0, 3] += 1000.0
+    return moved
 
 
 BAD = {
@@ -216,6 +227,11 @@ BAD = {
     "too-wide": "image of shape \\(1100, 2, 2\\) is larger than the limit of 1024 voxels per axis",
     "bomb": "image data is longer than the 6112 bytes its header promises",
     "empty-file": "empty file",
+    "no-overlap": "does not overlap the dwi image's field of view \\(check the affines\\)",
+}
+# Bad only when masks are resampled (`--resample-masks`); without it, the grid difference is the error.
+BAD_WHEN_RESAMPLED = {
+    "mask-outside-fov": "mask lesion lies outside the dwi image's field of view",
 }
 
 
@@ -231,6 +247,30 @@ def test_bad_input_names_file_and_problem(tmp_path, how):
         load_case(images_of(paths), paths["mask"])
     assert info.value.path == str(damaged)
     assert str(info.value).startswith(f"{damaged}: ")
+
+
+@pytest.mark.parametrize("how", sorted(BAD_WHEN_RESAMPLED))
+def test_bad_input_with_resampled_masks_names_file_and_problem(tmp_path, how):
+    root = tmp_path / "ds"
+    paths = make_subject(root, "sub-01")
+    damaged = break_subject(paths, how)
+    with pytest.raises(InputFileError, match="mask grid differs from the dwi grid"):
+        load_case(images_of(paths), paths["mask"])
+    with pytest.raises(InputFileError, match=BAD_WHEN_RESAMPLED[how]) as info:
+        load_case(images_of(paths), paths["mask"], resample_masks=True)
+    assert info.value.path == str(damaged)
+    assert str(info.value).startswith(f"{damaged}: ")
+    # Through the CLI: its own line and a non-zero exit, while the good subject converts.
+    make_subject(root, "sub-good", seed=5)
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--levels", "16", "--spacing", "",
+                                      "--resample-masks", "--in-process"])
+    assert result.exit_code == 1, result.output
+    assert "converted 1, skipped 0 (already complete), failed 1" in result.output
+    mine = [line for line in result.output.replace("\r", "\n").splitlines() if line.startswith("sub-01: ")]
+    assert len(mine) == 1 and mine[0].startswith(f"sub-01: {damaged}: "), result.output
+    assert re.search(BAD_WHEN_RESAMPLED[how], mine[0]), mine[0]
+    assert StrokeStore.open(str(out)).subjects() == ["sub-good"]
 
 
 def test_missing_file(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,10 +15,9 @@ from helpers import make_checkpoint
 from typer.testing import CliRunner
 
 from stroke_ray.cli import app
-from stroke_ray.errors import ConfigError
-from stroke_ray.nifti import GIB, ImageLimits
+from stroke_ray.nifti import ImageLimits
 from stroke_ray.store import StrokeStore
-from stroke_ray.uploads import MAX_DECODE_RATIO, UPLOAD_IMAGE_LIMITS, UploadError, read_nifti
+from stroke_ray.uploads import UPLOAD_IMAGE_LIMITS, UploadError, read_nifti
 
 SHAPE = (12, 12, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -103,71 +101,10 @@ def test_predict_limit_options_reach_the_reader(tmp_path, checkpoint, option):
 
 
 # --- serve --------------------------------------------------------------------------------------
-@pytest.fixture()
-def started(monkeypatch):
-    """`stroke-ray serve` run to its first second: what it asked `start_server` for."""
-    import stroke_ray.service as service
-
-    calls: list[dict] = []
-    monkeypatch.setattr(service, "start_server", lambda model, **kw: calls.append(kw) or "http://127.0.0.1:1")
-    monkeypatch.setattr(service, "stop_server", lambda *a, **kw: None)
-
-    def interrupt(_seconds):
-        raise KeyboardInterrupt  # the serve loop's Ctrl-C, at its first sleep
-
-    monkeypatch.setattr(time, "sleep", interrupt)
-    monkeypatch.delenv("STROKE_RAY_SERVE_TOKEN_FILE", raising=False)
-    monkeypatch.delenv("STROKE_RAY_SERVE_TOKEN", raising=False)
-
-    def run(*args: str) -> dict:
-        result = CliRunner().invoke(app, ["serve", "-m", "checkpoint.pt", *args])
-        assert result.exit_code == 0, result.output
-        return calls[-1]
-
-    return run
-
-
-def test_serve_limit_options_reach_start_server(started):
-    default = started()
-    # Serving keeps its own, smaller defaults, not convert's 2 GiB.
-    assert default["image_limits"] == UPLOAD_IMAGE_LIMITS
-    assert default["image_limits"].max_decoded_bytes == 256 * 1024**2
-    assert default["max_decode_ratio"] == MAX_DECODE_RATIO
-    given = started("--max-dim", "64", "--max-image-gib", "0.5", "--voxel-range-mm", "0.5,5",
-                    "--max-decode-ratio", "50")
-    assert given["image_limits"] == ImageLimits(max_dim=64, max_decoded_bytes=GIB // 2, min_voxel_mm=0.5,
-                                                max_voxel_mm=5.0)
-    assert given["max_decode_ratio"] == 50
-
-
 def test_serve_refuses_bad_limits_in_one_line():
     result = CliRunner().invoke(app, ["serve", "-m", "checkpoint.pt", "--voxel-range-mm", "5,0.5"])
     assert result.exit_code == 2
     assert "voxel size range must satisfy 0 < min <= max" in result.output and "Traceback" not in result.output
-
-
-def test_start_server_hands_its_limits_to_the_replicas(monkeypatch):
-    """start_server -> ReplicaSettings -> the plain dict a deployment carries -> the replica's settings."""
-    import stroke_ray.service as service
-    from stroke_ray.serving import ReplicaSettings
-
-    built: list[ReplicaSettings] = []
-    monkeypatch.setattr(service, "resolve_checkpoint", lambda *a: None)
-    monkeypatch.setattr(service, "connect", lambda *a: None)
-    monkeypatch.setattr(service, "serve", SimpleNamespace(start=lambda **kw: None, run=lambda *a, **kw: None))
-    monkeypatch.setattr(service, "register_rule", lambda *a: None)
-    monkeypatch.setattr(service, "_wait_for_guard", lambda *a: True)
-    monkeypatch.setattr(service, "build_app", lambda ref, settings, **kw: built.append(settings))
-
-    tight = ImageLimits(max_dim=64, max_decoded_bytes=1 << 20, min_voxel_mm=0.5, max_voxel_mm=5.0)
-    service.start_server("checkpoint.pt", image_limits=tight, max_decode_ratio=3)
-    service.start_server("checkpoint.pt")
-    assert (built[0].image_limits, built[0].max_decode_ratio) == (tight, 3.0)
-    assert (built[1].image_limits, built[1].max_decode_ratio) == (UPLOAD_IMAGE_LIMITS, MAX_DECODE_RATIO)
-    for settings in built:
-        assert ReplicaSettings.from_dict(asdict(settings)) == settings
-    with pytest.raises(ConfigError, match="--max-decode-ratio must be at least 1, got 0.5"):
-        service.start_server("checkpoint.pt", max_decode_ratio=0.5)
 
 
 def _segment(settings, data: bytes):

@@ -15,6 +15,8 @@ import pytest
 from helpers import case_files, free_port, make_checkpoint
 
 from stroke_ray import model_ref, tracking
+from stroke_ray.nifti import ImageLimits
+from stroke_ray.uploads import UPLOAD_IMAGE_LIMITS
 
 LIMIT = 16 * 1024**2  # the three sample files are ~6 MB together
 TOKEN = "serve-test-token-0123456789abcdef"
@@ -75,13 +77,18 @@ def registry(tmp_path_factory) -> Registry:
     return Registry(tmp_path_factory.mktemp("serve-registry"))
 
 
+# The server's own image limits: the sample case's largest axis is 512 (FLAIR), so 600 accepts
+# it and refuses an image 640 voxels long that the default (1024) would take.
+SERVED_LIMITS = ImageLimits(max_dim=600, max_decoded_bytes=UPLOAD_IMAGE_LIMITS.max_decoded_bytes)
+
+
 @pytest.fixture(scope="module")
 def server(ray_local, registry):
     from stroke_ray.service import start_server, stop_server
 
     url = start_server(CHAMPION, port=free_port(), tracking_uri=registry.uri, token=TOKEN, cpus_per_replica=0.5,
                        max_upload_bytes=LIMIT, idle_timeout_s=60, body_timeout_s=120, reload_interval_s=0,
-                       max_concurrent=1, max_queued=2)
+                       max_concurrent=1, max_queued=2, image_limits=SERVED_LIMITS)
     with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield client
     stop_server()
@@ -194,6 +201,15 @@ def test_decompression_bombs_are_refused_before_decoding(server, uploads):
     assert r.status_code == 413 and r.json()["field"] == "flair"
     grown = rss_mib("ray::ServeReplica") - before
     assert grown < 64, f"replica grew {grown:.0f} MiB"  # a decoded bomb alone is 64 MiB (x4 as float32)
+    assert_alive(server)
+
+
+def test_the_servers_image_limits_reach_its_replicas(server, uploads):
+    long = gzip.compress(nib.Nifti1Image(np.ones((640, 4, 4), np.float32), np.eye(4)).to_bytes())
+    r = server.post("/predict", files={**uploads, "dwi": ("dwi.nii.gz", long)})
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == "dwi"
+    assert r.json()["problem"] == "image of shape (640, 4, 4) is larger than the limit of 600 voxels per axis"
     assert_alive(server)
 
 

@@ -24,7 +24,7 @@ import torch
 from stroke_ray.config import TrainConfig
 from stroke_ray.ensemble import Ensemble
 from stroke_ray.errors import InputFileError
-from stroke_ray.files import atomic_path
+from stroke_ray.files import CHECKPOINT_FILE, atomic_path
 from stroke_ray.models import build_model, inference_state_dict
 from stroke_ray.postprocess import Postprocessing
 
@@ -41,7 +41,6 @@ __all__ = [
     "LoadedModel",
 ]
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # one network
 ENSEMBLE_FORMAT = 2  # several networks whose probabilities are averaged
 NEWEST_FORMAT = ENSEMBLE_FORMAT  # the newest format this version reads

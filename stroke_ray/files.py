@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and NIfTI file names.
+"""Files written whole or not at all, NIfTI file names and the checkpoint's file name.
 
 Every file stroke-ray writes for a user (masks, tables, checkpoints, reports, synthetic
 cases) goes through `atomic_write_bytes` / `atomic_write_text` or `atomic_path`: the data is
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "NIFTI_SUFFIXES",
     "atomic_path",
     "atomic_write_bytes",
@@ -24,6 +25,10 @@ __all__ = [
     "is_nifti",
     "strip_nifti_suffix",
 ]
+
+# The one file a saved model is (checkpoint.py writes it). It is named here, in a module
+# without heavy imports, so that model_ref can use it without loading torch.
+CHECKPOINT_FILE = "checkpoint.pt"
 
 # Longest first, so ".nii.gz" is recognised before ".nii".
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

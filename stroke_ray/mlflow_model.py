@@ -29,8 +29,9 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from stroke_ray import __version__
-from stroke_ray.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from stroke_ray.checkpoint import read_checkpoint
 from stroke_ray.errors import InputFileError
+from stroke_ray.files import CHECKPOINT_FILE
 from stroke_ray.ingest import load_case
 from stroke_ray.predict import lesion_stats
 from stroke_ray.segmenter import Segmenter

@@ -7,7 +7,7 @@ A model reference is one of
     runs:/<run_id>/model                    a run's logged model artifact
     /path/to/checkpoint.pt or /path/to/dir  a checkpoint file, or a folder holding one
 
-`parse` tells them apart, `pin_version` turns an alias into the version it points at,
+`parse` tells them apart, `run_model_uri` and `version_uri` write them, `pin_version` turns an alias into the version it points at,
 `resolve_checkpoint` turns any of them into a local `checkpoint.pt` (downloading registry
 and run artifacts), `version_label` names the exact weights for logs and HTTP headers, `log_model` logs a checkpoint to a run and
 `register_champion` points the champion alias at a version. Every other module goes
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.files import CHECKPOINT_FILE
 from stroke_ray.tracking import client_for
 
 __all__ = [
@@ -40,11 +41,11 @@ __all__ = [
     "resolve_checkpoint",
     "run_model_uri",
     "version_label",
+    "version_uri",
 ]
 
 # checkpoint.py (and with it torch) is imported inside the functions that read files, so
 # that the CLI can name CHAMPION_URI in its option defaults without loading torch.
-CHECKPOINT_FILE = "checkpoint.pt"  # = checkpoint.CHECKPOINT_FILE, checked by tests/test_model_ref.py
 REGISTERED_MODEL = "stroke-ray-segmenter"
 CHAMPION_ALIAS = "champion"
 CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}"
@@ -97,6 +98,11 @@ def parse(ref: str | Path) -> ModelRef:
 def run_model_uri(run_id: str, artifact_path: str = MODEL_ARTIFACT) -> str:
     """`runs:/<run_id>/model`: the model a training run logged."""
     return f"runs:/{run_id}/{artifact_path}"
+
+
+def version_uri(version: str | int, name: str = REGISTERED_MODEL) -> str:
+    """`models:/<name>/<version>`: one registered version, which stays put when an alias moves."""
+    return f"models:/{name}/{version}"
 
 
 # --------------------------------------------------------------------------- resolving
@@ -197,7 +203,7 @@ def pin_version(model_ref: str | Path, tracking_uri: str | None = None) -> str:
         version = client.get_model_version_by_alias(ref.name, ref.alias).version
     except MlflowException as exc:
         raise StrokeRayError(f"{ref.text}: cannot resolve in {client.tracking_uri} ({exc.message})") from exc
-    return f"models:/{ref.name}/{version}"
+    return version_uri(version, ref.name)
 
 
 def version_label(model_ref: str | Path, checkpoint: Path, tracking_uri: str | None = None) -> str:
@@ -261,7 +267,7 @@ def log_model(
     if registered_name is None:
         return uri
     version = _create_version(client, registered_name, uri, run_id)
-    return f"models:/{registered_name}/{version}"
+    return version_uri(version, registered_name)
 
 
 def _create_version(client, name: str, source: str, run_id: str | None, tags: Mapping | None = None) -> str:

@@ -20,6 +20,7 @@ from stroke_ray.model_ref import (
     REGISTERED_MODEL,
     register_run_version,
     resolve_checkpoint,
+    version_uri,
 )
 
 __all__ = ["HeldOutScore", "Promotion", "promote"]
@@ -82,7 +83,7 @@ class Promotion:
     def line(self) -> str:
         if self.promoted:
             return f"registered: {CHAMPION_URI} (version {self.version}; {self.reason})"
-        return (f"registered: models:/{REGISTERED_MODEL}/{self.version}, not promoted ({self.reason}); "
+        return (f"registered: {version_uri(self.version)}, not promoted ({self.reason}); "
                 f"the champion stays version {self.champion}")
 
 
@@ -128,7 +129,7 @@ def promote(client, run_id: str, checkpoint: Path, held_out: HeldOutScore, *, fo
                                          "re-evaluated here", champion)
     else:
         try:
-            champion_score = float(evaluate(resolve_checkpoint(f"models:/{REGISTERED_MODEL}/{champion}",
+            champion_score = float(evaluate(resolve_checkpoint(version_uri(champion),
                                                                client.tracking_uri), held_out))
         except StrokeRayError as exc:
             return Promotion(version, False, f"the champion cannot be evaluated on these subjects: {exc}", champion)

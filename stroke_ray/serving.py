@@ -53,7 +53,7 @@ from stroke_ray.errors import InputFileError, StrokeRayError
 from stroke_ray.files import NIFTI_SUFFIXES, strip_nifti_suffix
 from stroke_ray.ingest import load_case
 from stroke_ray.locations import absolute
-from stroke_ray.model_ref import CHAMPION_URI, version_label
+from stroke_ray.model_ref import CHAMPION_URI, parse, version_label
 from stroke_ray.nifti import ImageLimits
 from stroke_ray.predict import lesion_stats, like_reference, nifti_bytes
 from stroke_ray.segmenter import Segmenter
@@ -129,7 +129,7 @@ class ReplicaSettings:
 def model_label(model_ref: str) -> str:
     """How /healthz names the model: a registry/run reference as is, a path by its last two
     parts (never the absolute path, which says where the server's files are)."""
-    if model_ref.startswith(("models:/", "runs:/")):
+    if parse(model_ref).kind != "path":
         return model_ref
     return "/".join(Path(model_ref).parts[-2:])
 
@@ -158,7 +158,7 @@ class StrokeSegmenter:
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
         self.reloader = None
-        if self.settings.reload_interval_s > 0 and model_ref.startswith("models:/") and "@" in model_ref:
+        if self.settings.reload_interval_s > 0 and parse(model_ref).kind == "alias":
             self.reloader = asyncio.get_event_loop().create_task(self._follow_alias())
 
     # -- helpers

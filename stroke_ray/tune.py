@@ -32,10 +32,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from stroke_ray import ray_compat, tracking
-from stroke_ray.checkpoint import CHECKPOINT_FILE
 from stroke_ray.config import TrainConfig
 from stroke_ray.console import SweepProgress, ray_output_to
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.files import CHECKPOINT_FILE
 from stroke_ray.locations import absolute, is_url, join, write_bytes, write_text
 from stroke_ray.promotion import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect

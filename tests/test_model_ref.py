@@ -35,6 +35,15 @@ def test_parse_tells_the_forms_apart(text, kind, fields):
     assert all(getattr(ref, k) == v for k, v in fields.items())
 
 
+def test_written_references_are_what_parse_reads():
+    version = model_ref.parse(model_ref.version_uri(3))
+    assert version.text == "models:/stroke-ray-segmenter/3"
+    assert (version.kind, version.name, version.version) == ("version", model_ref.REGISTERED_MODEL, "3")
+    assert model_ref.version_uri("2", name="seg") == "models:/seg/2"
+    run = model_ref.parse(model_ref.run_model_uri("abc123"))
+    assert (run.kind, run.run_id, run.artifact_path) == ("run", "abc123", model_ref.MODEL_ARTIFACT)
+
+
 def test_parse_refuses_a_malformed_registry_reference():
     with pytest.raises(StrokeRayError, match="not a model reference"):
         model_ref.parse("models:/a/b/c")

@@ -104,6 +104,14 @@ def assert_alive(server: httpx.Client) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_model_label_names_references_as_given_and_paths_by_their_last_parts():
+    from stroke_ray.serving import model_label
+
+    for ref in (CHAMPION, f"models:/{REGISTERED}/3", "runs:/abc123/model"):
+        assert model_label(ref) == ref
+    assert model_label("/srv/models/best/checkpoint.pt") == "best/checkpoint.pt"
+
+
 def test_healthz_names_model_and_version(server, registry):
     r = httpx.get(at(server, "/healthz"))  # no token needed
     assert r.status_code == 200

@@ -7,7 +7,9 @@ runs), so a resumed training or sweep logs into the run it started instead of cr
 duplicate.
 
 A sweep is one parent run with one nested run per trial (`sweep_parent_run`, `trial_run`),
-found again by the tags below when it resumes. Models and the registry are `model_ref`'s.
+found again by the tags below when it resumes; what the parent run records of the sweep as a
+whole (settings, best trial, report, importances) is written by the `*sweep*` functions here.
+Models and the registry are `model_ref`'s.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from stroke_ray.errors import StrokeRayError
 __all__ = [
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
+    "BEST_RUN_TAG",
+    "BEST_TRIAL_TAG",
     "KIND_TAG",
     "PARENT_TAG",
     "RUN_NAME_TAG",
     "TAG_SWEEP",
     "TAG_TRIAL",
     "client_for",
+    "close_sweep_run",
     "close_trial_run",
     "default_tracking_uri",
     "find_run",
@@ -39,8 +44,11 @@ __all__ = [
     "get_or_create_experiment",
     "get_or_create_run",
     "log_metrics",
+    "log_best_trial",
     "log_overlays",
     "log_params_flat",
+    "log_sweep_report",
+    "log_sweep_settings",
     "log_text",
     "logged_steps",
     "overlay_figure",
@@ -59,6 +67,9 @@ PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "stroke_ray.kind"  # "sweep", "trial" or "train"
 TAG_SWEEP = "stroke_ray.sweep_dir"
 TAG_TRIAL = "stroke_ray.trial_id"
+# What a sweep's parent run says of its winner.
+BEST_TRIAL_TAG = "stroke_ray.best_trial"
+BEST_RUN_TAG = "stroke_ray.best_run_id"
 
 
 def default_tracking_uri() -> str:
@@ -194,6 +205,32 @@ def close_trial_run(tracking_uri: str, experiment: str, parent_id: str, trial_id
     run_id = find_run(client, experiment, f"trial-{trial_id}", parent_id)
     if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status=status)
+
+
+def log_sweep_settings(client, parent_id: str, settings: Mapping[str, Any], space_file: str | Path) -> None:
+    """A new sweep's settings as params of its parent run, and its search-space file as an artifact."""
+    log_params_flat(client, parent_id, settings)
+    client.log_artifact(parent_id, str(space_file), artifact_path="search_space")
+
+
+def log_best_trial(client, parent_id: str, trial_id: str, metric: str, value: float, run_id: str | None) -> None:
+    """The sweep's best trial on its parent run: its id, `best_<metric>` and, when found, its run."""
+    client.set_tag(parent_id, BEST_TRIAL_TAG, trial_id)
+    client.log_metric(parent_id, f"best_{metric}", value)
+    if run_id is not None:
+        client.set_tag(parent_id, BEST_RUN_TAG, run_id)
+
+
+def log_sweep_report(client, parent_id: str, report: str, importances: Mapping[str, float]) -> None:
+    """The sweep's report.md and its parameter importances (`importance.<param>`) on the parent run."""
+    client.log_text(parent_id, report, "report.md")
+    for name, value in importances.items():
+        client.log_metric(parent_id, f"importance.{name}", value)
+
+
+def close_sweep_run(client, parent_id: str) -> None:
+    """End the sweep's parent run as FINISHED (every trial ran; nothing is left to resume)."""
+    client.set_terminated(parent_id, status="FINISHED")
 
 
 def log_params_flat(client, run_id: str, nested: Mapping[str, Any]) -> dict[str, str]:

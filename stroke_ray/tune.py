@@ -233,11 +233,10 @@ def run_sweep(
     experiment_id = tracking.get_or_create_experiment(client, base_config.experiment)
     parent_id = tracking.sweep_parent_run(client, experiment_id, sweep_dir, name, reuse=restoring)
     if not restoring:  # a resumed sweep keeps its original settings (and params)
-        tracking.log_params_flat(client, parent_id, {
+        tracking.log_sweep_settings(client, parent_id, {
             "space": space.name, "space_file": str(space_file), "metric": space.metric, "mode": space.mode,
             "num_samples": total, "seed": seed, "fixed": dict(space.fixed),
-        })
-        client.log_artifact(parent_id, str(space_file), artifact_path="search_space")
+        }, space_file)
 
     driver = TrialDriver(space, base_config.model_dump(), sweep_dir, tracking_uri, base_config.experiment, parent_id)
     trainable = tune.with_resources(driver, {"CPU": DRIVER_CPU})
@@ -275,26 +274,22 @@ def run_sweep(
             best_checkpoint = _as_location(join(best_dir, CHECKPOINT_FILE))
             best_run = tracking.find_run_by_tags(
                 client, experiment_id, {tracking.PARENT_TAG: parent_id, tracking.TAG_TRIAL: best.trial_id})
-            client.set_tag(parent_id, "stroke_ray.best_trial", best.trial_id)
-            client.log_metric(parent_id, f"best_{space.metric}", best.metric)
-            if best_run is not None:
-                client.set_tag(parent_id, "stroke_ray.best_run_id", best_run.info.run_id)
-                if register:
-                    promotion = _promote(client, best_run.info.run_id, local_best, best_config, best.metric,
-                                         space, force=promote_best)
-                    model_version = promotion.version
+            tracking.log_best_trial(client, parent_id, best.trial_id, space.metric, best.metric,
+                                    best_run.info.run_id if best_run is not None else None)
+            if best_run is not None and register:
+                promotion = _promote(client, best_run.info.run_id, local_best, best_config, best.metric,
+                                     space, force=promote_best)
+                model_version = promotion.version
 
     importances = param_importances(space, trials)
     report_path = join(sweep_dir, "report.md")
     text = write_report(report_path, space, trials, best, best_config, importances)
-    client.log_text(parent_id, text, "report.md")
-    for k, v in importances.items():
-        client.log_metric(parent_id, f"importance.{k}", v)
+    tracking.log_sweep_report(client, parent_id, text, importances)
     log_sweep_figures(client, parent_id, space, trials, importances)
     # Unfinished trials (a time budget or stopper hit) leave the parent open for a resume.
     ran = [t for t in trials if t.status != "NOT RUN"]
     if len(ran) >= total and not any(t.status == "ERROR" for t in trials):
-        client.set_terminated(parent_id, status="FINISHED")
+        tracking.close_sweep_run(client, parent_id)
     if verbose >= 2:
         print(text)
     return SweepResult(

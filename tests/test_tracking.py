@@ -77,3 +77,24 @@ def test_overlays_are_png_artifacts(client, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Slices go through the lesion.
     assert all(5 <= z <= 10 for z in tracking._slices(truth > 0, pred > 0, 3))
+
+
+def test_sweep_parent_run_records_settings_best_trial_report_and_end(client, tmp_path):
+    exp_id = tracking.get_or_create_experiment(client, "exp-s")
+    parent = tracking.sweep_parent_run(client, exp_id, str(tmp_path / "sweep"), "sweep", reuse=False)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("metric: val_dice\n")
+    tracking.log_sweep_settings(client, parent, {"metric": "val_dice", "fixed": {"epochs": 2}}, space_file)
+    tracking.log_best_trial(client, parent, "t1", "val_dice", 0.5, run_id=None)  # its run not found
+    assert tracking.BEST_RUN_TAG not in client.get_run(parent).data.tags
+    tracking.log_best_trial(client, parent, "t2", "val_dice", 0.75, run_id="run-2")
+    tracking.log_sweep_report(client, parent, "# report\n", {"optim.lr": 0.8})
+    assert client.get_run(parent).info.status == "RUNNING"
+    tracking.close_sweep_run(client, parent)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"metric": "val_dice", "fixed.epochs": "2"}
+    assert run.data.tags[tracking.BEST_TRIAL_TAG] == "t2" and run.data.tags[tracking.BEST_RUN_TAG] == "run-2"
+    assert run.data.metrics == {"best_val_dice": 0.75, "importance.optim.lr": 0.8}
+    assert {f.path for f in client.list_artifacts(parent)} == {"search_space", "report.md"}
+    assert [f.path for f in client.list_artifacts(parent, "search_space")] == ["search_space/space.yaml"]

@@ -6,6 +6,7 @@ Each takes a model reference (a checkpoint, `models:/name@alias`, `models:/name/
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -134,8 +135,6 @@ def serve(
     ),
 ) -> None:
     """Serve lesion segmentation over HTTP on Ray Serve (until Ctrl-C)."""
-    import time
-
     from stroke_ray.auth import load_token
     from stroke_ray.service import start_server, stop_server
 

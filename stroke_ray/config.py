@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 # One base for every config section (unknown keys are errors), written in augment_config.
 from stroke_ray.augment_config import AugmentConfig, _Strict
 from stroke_ray.errors import ConfigError
+from stroke_ray.grid import parse_level
 from stroke_ray.resources import config_file
 
 __all__ = [
@@ -148,8 +149,6 @@ class DataConfig(_Strict):
     @field_validator("level", mode="before")
     @classmethod
     def _level(cls, v: object) -> str:
-        from stroke_ray.grid import parse_level
-
         parse_level(str(v))  # ValueError -> a validation error naming data.level
         return str(v).strip()
 

@@ -38,17 +38,18 @@ from typing import Any
 import ray
 
 from stroke_ray import model_ref, tracking
-from stroke_ray.checkpoint import save_ensemble
+from stroke_ray.checkpoint import load_checkpoint, save_ensemble
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.locations import absolute, is_url
+from stroke_ray.models import size_multiple
 from stroke_ray.raycluster import connect
 from stroke_ray.splits import fold_splits
 from stroke_ray.store import StrokeStore
 from stroke_ray.tracking import KIND_TAG
-from stroke_ray.train import check_inputs
+from stroke_ray.train import build_trainer, check_inputs
 from stroke_ray.tune_trial import DRIVER_CPU, trial_concurrency
-from stroke_ray.validation import ValidationTotals
+from stroke_ray.validation import ValidationTotals, predict_subject, score_subject
 
 __all__ = ["CrossValidation", "FoldResult", "cross_validate", "fold_config", "retrain_best"]
 
@@ -106,8 +107,6 @@ class CrossValidation:
 
 def _fit_fold(cfg_json: dict, storage_path: str, run_id: str, tracking_uri: str):
     """Ray task: train one fold; returns (last metrics, the final ray.train.Checkpoint)."""
-    from stroke_ray.train import build_trainer
-
     cfg = TrainConfig.from_dict(cfg_json)
     result = build_trainer(cfg, storage_path=storage_path, mlflow_run_id=run_id, tracking_uri=tracking_uri).fit()
     if result.checkpoint is None:
@@ -120,11 +119,6 @@ def _score_fold(checkpoint, store_url: str, subjects: list[str], fold: int, devi
 
     Returns (rows, ValidationTotals.vector()).
     """
-    from stroke_ray.checkpoint import load_checkpoint
-    from stroke_ray.models import size_multiple
-    from stroke_ray.store import StrokeStore
-    from stroke_ray.validation import ValidationTotals, predict_subject, score_subject
-
     with checkpoint.as_directory() as d:
         loaded = load_checkpoint(d, device=device)
     cfg = loaded.config

@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stroke_ray.config import TrainConfig
+from stroke_ray.datasets import discover
+from stroke_ray.errors import InputFileError
+from stroke_ray.ingest import convert_dataset
 from stroke_ray.model_ref import CHAMPION_URI
+from stroke_ray.predict import predict_dataset
+from stroke_ray.raycluster import connect
 from stroke_ray.resources import search_space_file
+from stroke_ray.splits import split_subjects
+from stroke_ray.synth import generate_dataset
+from stroke_ray.tune import run_sweep
 
 __all__ = ["DEMO_LEVEL", "DemoResult", "SMOKE_SPACE", "run_demo"]
 
@@ -57,9 +65,6 @@ class DemoResult:
 
 
 def _dataset_complete(root: Path, num_cases: int) -> bool:
-    from stroke_ray.datasets import discover
-    from stroke_ray.errors import InputFileError
-
     if not root.is_dir():
         return False
     try:
@@ -85,14 +90,6 @@ def run_demo(
     worker logs instead of the sweep's progress line (they are in the sweep's `sweep.log`
     otherwise).
     """
-    from stroke_ray.datasets import discover
-    from stroke_ray.ingest import convert_dataset
-    from stroke_ray.predict import predict_dataset
-    from stroke_ray.raycluster import connect
-    from stroke_ray.splits import split_subjects
-    from stroke_ray.synth import generate_dataset
-    from stroke_ray.tune import run_sweep
-
     def say(msg: str) -> None:
         if progress:
             print(f"[demo] {msg}", flush=True)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 import re
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from stroke_ray.metrics import label_lesions  # a leaf module: no cycle through grid
 
 __all__ = [
     "NATIVE",
@@ -270,10 +273,6 @@ def keep_lost_components(
     Returns:
         How many components were given back.
     """
-    from stroke_ray.metrics import (
-        label_lesions,  # metrics is a leaf module; grid is imported by many
-    )
-
     labels, n = label_lesions(np.asarray(src) >= threshold)
     if n == 0:
         return 0
@@ -312,6 +311,4 @@ def keep_lost_components(
 
 def orientation_code(affine: np.ndarray) -> str:
     """Axis codes such as 'LAS' or 'RAS' for the voxel axes of `affine`."""
-    import nibabel as nib
-
     return "".join(nib.aff2axcodes(np.asarray(affine)))

@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable
 
 import ray
 
+from stroke_ray.auth import bearer_matches
 from stroke_ray.ray_compat import SERVE_CLIENT_CONTROL_HEADERS, SERVE_PROXY_CALLBACK_ENV
 
 __all__ = [
@@ -183,8 +184,6 @@ class HttpGuard:
             await _respond(send, refused.status, refused.message, refused.headers)
 
     async def _guarded(self, rule: GuardRule, relative: str, scope: Scope, receive: Receive, send: Send) -> None:
-        from stroke_ray.auth import bearer_matches
-
         if relative not in rule.public_paths and not bearer_matches(_header(scope, b"authorization"), rule.token_sha256):
             raise _Refused(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": 'Bearer realm="stroke-ray"'})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from stroke_ray.checks import check_image_values, check_mask_values, mask_on_grid, same_grid
 from stroke_ray.datasets import CaseFiles, Problem, open_dataset
@@ -34,6 +35,7 @@ from stroke_ray.intensity import NORMALIZATIONS
 from stroke_ray.locations import absolute
 from stroke_ray.lookalikes import find_lookalikes
 from stroke_ray.nifti import ImageLimits, NiftiRead, read_nifti_file
+from stroke_ray.raycluster import connect
 from stroke_ray.store import NATIVE, LevelArrays, StoreError, StrokeStore, check_output
 from stroke_ray.store_lock import writer_lock
 
@@ -313,8 +315,6 @@ def convert_dataset(
     `limits` bounds what any image header may declare (`nifti.ImageLimits`); a mask on
     another grid than its reference modality fails its subject unless `resample_masks`.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization {normalization!r}; known: {', '.join(NORMALIZATIONS)}")
@@ -364,8 +364,6 @@ def convert_dataset(
 
 def _convert_on_ray(cases, store_url, options, address, num_cpus, record) -> None:
     import ray
-
-    from stroke_ray.raycluster import connect
 
     connect(address, num_cpus=num_cpus)
     task = ray.remote(convert_subject).options(num_cpus=1, max_retries=0)

@@ -17,6 +17,7 @@ the official scorer uses, it is fast (a single pass over the volume, C++), and w
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import cc3d
@@ -170,8 +171,6 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
         return 0.0
     if has_pred != has_truth:
         return float("inf")
-    import warnings
-
     from monai.metrics import compute_hausdorff_distance
 
     with warnings.catch_warnings():

@@ -17,6 +17,7 @@ through these functions; the champion's name is written only here.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -246,8 +247,6 @@ def log_model(
     is `runs:/<run_id>/model`, or `models:/<name>/<version>` when `registered_name` is given
     (a new version of that registered model is created from the run artifact).
     """
-    import json
-
     from mlflow.models import Model
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_MODELS
 

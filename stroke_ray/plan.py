@@ -33,6 +33,7 @@ import numpy as np
 
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.grid import spacing_of
+from stroke_ray.store import StrokeStore
 
 __all__ = [
     "Fingerprint",
@@ -126,8 +127,6 @@ def fingerprint(store_url: str, level: str) -> Fingerprint:
     Raises:
         StrokeRayError: the store cannot be opened, holds no complete subject, or lacks `level`.
     """
-    from stroke_ray.store import StrokeStore
-
     try:
         store = StrokeStore.open(store_url)
     except (FileNotFoundError, ValueError) as exc:

@@ -22,6 +22,7 @@ never leaves a half-written file. A case that cannot be read is reported and ski
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import time
@@ -29,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import cc3d
 import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from stroke_ray.datasets import CaseFiles, Problem, discover
 from stroke_ray.errors import ConfigError, InputFileError, StrokeRayError
@@ -61,8 +64,6 @@ CSV_COLUMNS = ("subject", "mask_file", "volume_ml", "lesion_count", "truth_volum
 
 def lesion_stats(mask: np.ndarray, affine: np.ndarray) -> dict[str, float | int]:
     """Lesion volume in ml and the number of 26-connected lesions."""
-    import cc3d
-
     binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
     voxel_ml = float(np.prod(spacing_of(affine))) / 1000.0
     _, count = cc3d.connected_components(binary, connectivity=26, return_N=True)
@@ -91,8 +92,6 @@ def like_reference(volume: np.ndarray, reference: nib.spatialimages.SpatialImage
 
 def nifti_bytes(image: nib.Nifti1Image, compress: bool = True) -> bytes:
     """The image as the bytes of a .nii.gz (or .nii) file."""
-    import gzip
-
     raw = image.to_bytes()
     return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
 
@@ -222,9 +221,6 @@ def predict_dataset(
             results (without `overwrite`), or that cannot be made; no case found.
         ConfigError: a model trained on other modalities than `modalities`.
     """
-    from tqdm.auto import tqdm
-
-
     start = time.perf_counter()
     given = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
     check_apart(output_dir, [*given, *([mask] if mask else [])])

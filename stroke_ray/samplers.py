@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from stroke_ray.integral import box_sums
+from stroke_ray.metrics import label_lesions  # the lesion definition the scores use
 
 __all__ = [
     "Triple",
@@ -244,8 +245,6 @@ class LesionSampler(ForegroundSampler):
     name = "lesion"
 
     def positions(self, table: np.ndarray, patch: int | Triple) -> PositionSet:
-        from stroke_ray.metrics import label_lesions  # the lesion definition the scores use
-
         pos = super().positions(table, patch)
         if pos.lesion_voxels is None:
             return pos

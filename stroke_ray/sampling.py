@@ -30,6 +30,7 @@ from stroke_ray.samplers import (
     as_triple,
     build_sampler,
 )
+from stroke_ray.store import StrokeStore
 from stroke_ray.subject_cache import SubjectCache
 
 __all__ = ["PatchDataset", "make_loader", "cut_patch", "shard_subjects"]
@@ -155,8 +156,6 @@ class PatchDataset(IterableDataset):
     @property
     def store(self):
         if self._store is None:
-            from stroke_ray.store import StrokeStore
-
             self._store = StrokeStore.open(self.store_url, storage_options=self.storage_options)
         return self._store
 

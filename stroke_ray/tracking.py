@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -266,8 +267,6 @@ def log_metrics(
     A worker restarted from a checkpoint may redo an epoch it already logged; skipping keeps
     each curve free of duplicate points.
     """
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

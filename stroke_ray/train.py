@@ -18,10 +18,16 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
+import yaml
 
+from stroke_ray import model_ref, tracking
 from stroke_ray.config import OptimConfig, TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
 from stroke_ray.locations import absolute
+from stroke_ray.models import size_multiple
+from stroke_ray.raycluster import connect
+from stroke_ray.store import NATIVE, StrokeStore
+from stroke_ray.tracking import default_tracking_uri
 
 __all__ = [
     "build_optimizer",
@@ -267,8 +273,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _yaml(cfg: TrainConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
@@ -277,8 +281,6 @@ def _yaml(cfg: TrainConfig) -> str:
 
 def check_store(url: str, levels: Iterable[str]) -> None:
     """Fail with one clear line unless `url` opens, has 2+ complete subjects and every level."""
-    from stroke_ray.store import NATIVE, StrokeStore
-
     try:
         store = StrokeStore.open(url)
     except (FileNotFoundError, ValueError) as exc:
@@ -297,8 +299,6 @@ def check_store(url: str, levels: Iterable[str]) -> None:
 def check_inputs(cfg: TrainConfig, store: bool = True) -> None:
     """Fail in the driver, with one clear line, on a config the workers could not train
     (`store=False`: the store was checked already, e.g. once for a whole sweep)."""
-    from stroke_ray.models import size_multiple
-
     if store:
         check_store(cfg.data.store, [cfg.data.level])
     multiple = size_multiple(cfg.model)
@@ -327,8 +327,6 @@ def build_trainer(
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from stroke_ray.tracking import default_tracking_uri
 
     data = cfg.data.model_copy(update={"store": absolute(cfg.data.store)})
     cfg = cfg.model_copy(update={"data": data})
@@ -365,9 +363,6 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     Re-running with the same name resumes both the Ray Train run and the MLflow run. The
     final checkpoint is logged as the run's `model/checkpoint.pt`.
     """
-    from stroke_ray import model_ref, tracking
-    from stroke_ray.raycluster import connect
-
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": absolute(cfg.data.store)})})
     check_inputs(cfg)  # before any MLflow run exists, so a bad config leaves nothing behind
     connect(address)

@@ -35,12 +35,15 @@ from stroke_ray import ray_compat, tracking
 from stroke_ray.config import TrainConfig
 from stroke_ray.console import SweepProgress, ray_output_to
 from stroke_ray.errors import StrokeRayError
+from stroke_ray.evaluate import evaluate_checkpoint
 from stroke_ray.files import CHECKPOINT_FILE
 from stroke_ray.locations import absolute, is_url, join, write_bytes, write_text
 from stroke_ray.promotion import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
 from stroke_ray.resources import search_space_file
 from stroke_ray.search_space import SearchSpace, TrialResources
+from stroke_ray.splits import validation_subjects
+from stroke_ray.store import StrokeStore
 from stroke_ray.sweep_figures import log_sweep_figures
 from stroke_ray.sweep_report import TrialSummary, param_importances, summarise, write_report
 from stroke_ray.train import check_store
@@ -89,10 +92,6 @@ class SweepResult:
 def _promote(client, run_id: str, checkpoint: Path, config: TrainConfig, score: float, space: SearchSpace,
              force: bool) -> Promotion:
     """Register the best trial with what its score was measured on, and promote it if it wins."""
-    from stroke_ray.evaluate import evaluate_checkpoint
-    from stroke_ray.splits import validation_subjects
-    from stroke_ray.store import StrokeStore
-
     store = config.data.store
     subjects = validation_subjects(StrokeStore.open(store).subjects(), config.data.val_fraction,
                                    config.data.split_seed, config.val_max_subjects)

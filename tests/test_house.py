@@ -1,7 +1,8 @@
-"""The shared homes: atomic files, NIfTI names, local-or-URL locations, one z-score."""
+"""The shared homes: atomic files, NIfTI names, local-or-URL locations, one z-score; the import rule."""
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -103,3 +104,113 @@ def test_stored_config_with_the_old_num_workers_key_is_migrated():
     # a new config file with the old key still gets the error naming the new key
     with pytest.raises(ConfigError, match="num_workers was renamed loader_workers"):
         TrainConfig.from_dict({"data": {"num_workers": 2}})
+
+
+# -- the import rule (docs/architecture.md, "Imports")
+
+PACKAGE = Path(__file__).resolve().parents[1] / "stroke_ray"
+# 1. The CLI edge: each command imports its stage when it runs.
+CLI_EDGE = {"stroke_ray.cli", "stroke_ray.cli_model"}
+# 2. Ray worker functions: they import what they need where they run.
+RAY_WORKER_FUNCTIONS = {
+    "stroke_ray.train.train_loop_per_worker",  # a Ray Train worker
+    "stroke_ray.tune_trial.TrialDriver.__call__",  # a Tune trial's driver
+    "stroke_ray.http_guard.proxy_middlewares",  # called inside Serve's proxy actor
+}
+# 3. Heavy or optional dependencies; an in-package module that imports one of them at its
+# top is heavy too (found below), e.g. model_ref's checkpoint (torch) and mlflow_model.
+HEAVY_OR_OPTIONAL = {
+    "torch", "ray", "mlflow", "optuna", "matplotlib", "nilearn", "monai", "pyarrow",
+    "onnx", "onnxruntime", "s3fs", "torchio",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str) -> list[str]:
+    """The modules an import statement loads (`from pkg import mod` counts as pkg.mod too)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:  # relative to the module's package (a package's __init__ is its own)
+        package = module.split(".")
+        if not (PACKAGE.parent / Path(*package) / "__init__.py").is_file():
+            package = package[:-1]
+        package = package[: len(package) - node.level + 1]
+        base = ".".join([*package, *([base] if base else [])])
+    return [base, *(f"{base}.{alias.name}" for alias in node.names)]
+
+
+def _function_local_imports(tree: ast.AST) -> list[tuple[str, ast.Import | ast.ImportFrom]]:
+    """(qualified function name, import) for every import inside a function body."""
+    found = []
+
+    def walk(node: ast.AST, scope: list[str], in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                walk(child, [*scope, child.name], True)
+            elif isinstance(child, ast.ClassDef):
+                walk(child, [*scope, child.name], in_function)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)) and in_function:
+                found.append((".".join(scope), child))
+            else:
+                walk(child, scope, in_function)
+
+    walk(tree, [], False)
+    return found
+
+
+def _package():
+    trees = {_module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+    top_level = {}
+    for name, tree in trees.items():
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        local = {id(n) for _, n in _function_local_imports(tree)}
+        top_level[name] = {m for n in imports if id(n) not in local for m in _imported(n, name)}
+    return trees, top_level
+
+
+def _heavy_modules(top_level: dict[str, set[str]]) -> set[str]:
+    """In-package modules whose top-level imports load a heavy dependency (directly or not)."""
+    heavy = {name for name, deps in top_level.items() if any(d.split(".")[0] in HEAVY_OR_OPTIONAL for d in deps)}
+    while True:
+        more = {name for name, deps in top_level.items() if name not in heavy and deps & heavy}
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def _allowed(module: str, function: str, imported: list[str], heavy: set[str]) -> bool:
+    if module in CLI_EDGE or f"{module}.{function}" in RAY_WORKER_FUNCTIONS:
+        return True
+    # `from pkg import name`: the statement is allowed when what it loads is heavy.
+    return any(m.split(".")[0] in HEAVY_OR_OPTIONAL or m in heavy for m in imported)
+
+
+def test_function_local_imports_follow_the_rule():
+    """Imports sit at the top of a module, but for the CLI edge, Ray worker functions and
+    heavy or optional dependencies (docs/architecture.md, "Imports")."""
+    trees, top_level = _package()
+    heavy = _heavy_modules(top_level)
+    assert {"stroke_ray.checkpoint", "stroke_ray.tune"} <= heavy and "stroke_ray.files" not in heavy
+    broken = [
+        f"{module}.{function} (line {node.lineno}): {ast.unparse(node)}"
+        for module, tree in trees.items()
+        for function, node in _function_local_imports(tree)
+        if not _allowed(module, function, _imported(node, module), heavy)
+    ]
+    assert not broken, "function-local imports the rule does not allow:\n" + "\n".join(broken)
+
+
+def test_the_import_rule_sees_a_local_stdlib_import():
+    tree = ast.parse("import json\n\ndef f():\n    import time\n    from stroke_ray.files import is_nifti\n")
+    (_, stdlib), (_, light) = _function_local_imports(tree)
+    heavy = {"stroke_ray.checkpoint"}
+    assert not _allowed("stroke_ray.x", "f", _imported(stdlib, "stroke_ray.x"), heavy)
+    assert not _allowed("stroke_ray.x", "f", _imported(light, "stroke_ray.x"), heavy)
+    assert _allowed("stroke_ray.cli", "f", _imported(stdlib, "stroke_ray.cli"), heavy)
+    lazy = ast.parse("from stroke_ray.checkpoint import checkpoint_file").body[0]
+    assert _allowed("stroke_ray.x", "f", _imported(lazy, "stroke_ray.x"), heavy)

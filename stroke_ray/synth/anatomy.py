@@ -4,6 +4,7 @@ in the scanner, and sampling both onto a grid with partial volume."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def _template_images() -> dict[str, nib.Nifti1Image]:
     nilearn.datasets.load_mni152_{,gm_,wm_}template(resolution=1) read, so go to them
     directly and fall back to those functions if a release moves them.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise StrokeRayError("nilearn is not installed; it provides the MNI152 template")

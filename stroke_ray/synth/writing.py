@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.files import atomic_write_bytes, atomic_write_text
@@ -82,8 +83,6 @@ def generate_dataset(
     claim_folder(root, SYNTH_MARKER, "stroke-ray synth", {"layout": layout, "seed": int(seed)})
     atomic_write_text(root / "README.md", _readme(layout))
     _write_json(root / "dataset_description.json", _description(layout, seed, settings.profile))
-
-    from tqdm.auto import tqdm
 
     mni_anatomy()  # load before the bar starts, so the bar shows the per-case rate
     subjects = []

@@ -84,6 +84,9 @@ class _LocalLock:
             return None
 
     def replace(self, payload: bytes) -> None:
+        # Not files.atomic_write_bytes: its temporary file (mkstemp) is private to its owner,
+        # and after a renewal so would the lock be, so another user's writer sharing the store
+        # could no longer read who holds it. The rename keeps a renewal atomic all the same.
         tmp = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}.part")
         tmp.write_bytes(payload)
         os.replace(tmp, self.path)

@@ -86,8 +86,10 @@ def test_wheel_runs_the_cli_and_loads_the_demo_config_outside_the_source_tree(tm
         "print(stroke_ray.__file__)\n"
         "print(SearchSpace.load(d.SMOKE_SPACE).name, SearchSpace.load('default').name)\n"
         "print(TrainConfig.from_yaml('train_example').model.architecture)\n"
+        "print(TrainConfig.from_yaml('recipe').data.level, d.DEMO_LEVEL)\n"
     )], **run)
     assert probe.returncode == 0, probe.stderr
-    module, spaces, arch = probe.stdout.strip().splitlines()
+    module, spaces, arch, recipe = probe.stdout.strip().splitlines()
     assert module.startswith(str(venv)) and str(REPO) not in module
     assert spaces == "smoke default" and arch == "unet3d"
+    assert recipe == "2mm 2mm"  # the config the demo trains from, at the demo's level

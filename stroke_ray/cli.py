@@ -251,7 +251,7 @@ def train(
     result = run_training(cfg, address=address)
     metrics = result.metrics or {}
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("epoch", "train_loss", "val_dice") if k in metrics)
-    typer.echo(f"trained {raw['name']}: {shown}")
+    typer.echo(f"trained {cfg.name}: {shown}")
     if result.checkpoint is not None:
         typer.echo(f"checkpoint: {result.checkpoint.path}")
     run_id = getattr(result, "mlflow_run_id", "?")

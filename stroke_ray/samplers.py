@@ -12,7 +12,7 @@ Every sampler follows the `Sampler` protocol: a `name` and `positions(table, pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -90,16 +90,15 @@ class PositionSet:
     lookalike_fraction: float = 0.0
 
     def with_lookalikes(self, voxels: np.ndarray | None, fraction: float) -> "PositionSet":
-        """This set with `fraction` of its patches centred on one of `voxels` (drawn
-        uniformly), taken from the uniform share; no look-alikes (None or empty) leaves the
-        set as it is."""
+        """A copy of this set with `fraction` of its patches centred on one of `voxels`
+        (drawn uniformly), taken from the uniform share; no look-alikes (None or empty)
+        returns the set itself."""
         if voxels is None or len(voxels) == 0 or fraction <= 0.0:
             return self
         if self.lesion_voxels is not None and self.fraction + fraction > 1.0:
             raise ValueError(f"lesion share {self.fraction} + look-alike share {fraction} exceeds 1")
-        self.lookalikes = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
-        self.lookalike_fraction = float(fraction)
-        return self
+        return replace(self, lookalikes=np.asarray(voxels, dtype=np.int64).reshape(-1, 3),
+                       lookalike_fraction=float(fraction))
 
     @property
     def size(self) -> int:
@@ -129,7 +128,6 @@ class PositionSet:
             return tuple(int(o + p) for o, p in zip(self.origin, pos))  # type: ignore[return-value]
         flat = int(self.corners[rng.integers(self.corners.size)])
         return tuple(int(o + p) for o, p in zip(self.origin, np.unravel_index(flat, self.grid)))  # type: ignore[return-value]
-
 
     def _around(self, voxel: np.ndarray, rng: np.random.Generator) -> Triple:
         """A corner whose patch holds `voxel` anywhere inside: a random offset, then the

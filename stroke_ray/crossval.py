@@ -41,7 +41,7 @@ from stroke_ray import model_ref, tracking
 from stroke_ray.checkpoint import load_checkpoint, save_ensemble
 from stroke_ray.config import TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
-from stroke_ray.locations import absolute, is_url
+from stroke_ray.locations import absolute, is_url, make_folder
 from stroke_ray.models import size_multiple
 from stroke_ray.raycluster import connect
 from stroke_ray.splits import fold_splits
@@ -189,6 +189,7 @@ def cross_validate(
         folds = fold_splits(subjects, int(k), cfg.data.split_seed)
     except ValueError as exc:
         raise ConfigError(f"--folds: {exc}") from None
+    make_folder(cfg.storage_path)
     connect(address)
     uri = cfg.tracking_uri or tracking.default_tracking_uri()
     client = tracking.client_for(uri)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
+from stroke_ray.errors import StrokeRayError
 from stroke_ray.files import atomic_write_bytes
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "join",
     "list_names",
     "local_or_url",
+    "make_folder",
     "read_bytes",
     "size_of",
     "storage_uri",
@@ -62,6 +64,24 @@ def join(location: str | Path, *parts: str) -> str:
     if is_url(location):
         return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(location).joinpath(*parts))
+
+
+def make_folder(location: str | Path) -> None:
+    """Create a local output folder (and its parents) now, so that one that cannot be made
+    is one clear line before any work starts; a URL is left to its filesystem.
+
+    Raises:
+        StrokeRayError: the path is a file, or the folder cannot be created.
+    """
+    if is_url(location):
+        return
+    path = Path(local_or_url(str(location)))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StrokeRayError(f"{location}: exists and is not a folder") from None
+    except OSError as exc:
+        raise StrokeRayError(f"{location}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 def exists(location: str | Path) -> bool:

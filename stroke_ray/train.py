@@ -23,7 +23,7 @@ import yaml
 from stroke_ray import model_ref, tracking
 from stroke_ray.config import OptimConfig, TrainConfig
 from stroke_ray.errors import ConfigError, StrokeRayError
-from stroke_ray.locations import absolute
+from stroke_ray.locations import absolute, make_folder
 from stroke_ray.models import size_multiple
 from stroke_ray.raycluster import connect
 from stroke_ray.store import NATIVE, StrokeStore
@@ -365,6 +365,7 @@ def run_training(cfg: TrainConfig, address: str | None = None):
     """
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"store": absolute(cfg.data.store)})})
     check_inputs(cfg)  # before any MLflow run exists, so a bad config leaves nothing behind
+    make_folder(cfg.storage_path)
     connect(address)
     uri = cfg.tracking_uri or tracking.default_tracking_uri()
     client = tracking.client_for(uri)

@@ -37,7 +37,7 @@ from stroke_ray.console import SweepProgress, ray_output_to
 from stroke_ray.errors import StrokeRayError
 from stroke_ray.evaluate import evaluate_checkpoint
 from stroke_ray.files import CHECKPOINT_FILE
-from stroke_ray.locations import absolute, is_url, join, write_bytes, write_text
+from stroke_ray.locations import absolute, is_url, join, make_folder, write_bytes, write_text
 from stroke_ray.promotion import HeldOutScore, Promotion, promote
 from stroke_ray.raycluster import connect
 from stroke_ray.resources import search_space_file
@@ -221,6 +221,7 @@ def run_sweep(
     # The trials' configs and the store must validate before any compute is spent on them.
     probe = space.trial_config(base_config, {})
     check_store(probe.data.store, sorted(space.levels(base_config)))
+    make_folder(storage)
     total = num_samples or space.num_samples
 
     connect(address)

@@ -12,7 +12,8 @@ import pytest
 from stroke_ray.files import atomic_path, atomic_write_bytes, atomic_write_text, strip_nifti_suffix
 from stroke_ray.inference import normalise_case
 from stroke_ray.intensity import normalise
-from stroke_ray.locations import absolute, exists, is_url, join, local_or_url
+from stroke_ray.errors import StrokeRayError
+from stroke_ray.locations import absolute, exists, is_url, join, local_or_url, make_folder
 from stroke_ray.store import LevelArrays, StrokeStore
 
 
@@ -57,6 +58,22 @@ def test_locations_keep_urls_and_make_paths_absolute(tmp_path, monkeypatch):
     assert join("runs", "sweep") == str(Path("runs") / "sweep")
     assert local_or_url("file:///tmp/x") == "/tmp/x" and local_or_url("memory://x") == "memory://x"
     assert exists("s3://bucket/anything") and not exists(tmp_path / "missing")
+
+
+def test_make_folder_makes_local_folders_and_refuses_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "runs" / "deep")
+    assert (tmp_path / "runs" / "deep").is_dir()
+    make_folder(tmp_path / "runs")  # already there: nothing to do
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    with pytest.raises(StrokeRayError, match=r"a-file: exists and is not a folder$"):
+        make_folder(blocker)
+    with pytest.raises(StrokeRayError, match=r"a-file/runs: cannot create the folder \(Not a directory\)$"):
+        make_folder(blocker / "runs")
+    assert blocker.read_text() == "kept"
+    make_folder("s3://bucket/runs")  # a URL is its filesystem's business: no local folder
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_store_reads_and_prediction_normalise_identically(tmp_path):
